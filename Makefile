@@ -1,0 +1,44 @@
+# Every target here is for a developer's machine or CI. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint fmt migrate bench-ingest clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the suite with its dev tools
+
+run: $(STAMP) ## run the local system: database, migrations, services
+	$(BIN)/python -m scripts.run_local
+
+test: $(STAMP) ## run every test (DATABASE_URL if set, else an embedded PostgreSQL)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## check formatting, lint rules and types
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+fmt: $(STAMP) ## format the code and apply safe lint fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+migrate: $(STAMP) ## apply database migrations (payoutctl migrate)
+	$(BIN)/payoutctl migrate
+
+bench-ingest: $(STAMP) ## benchmark IPN ingestion against gunicorn, with pgbench's ceiling
+	$(BIN)/python -m scripts.bench.ingest
+
+clean: ## remove the virtual environment and local database
+	rm -rf $(VENV) .data

@@ -1,0 +1,128 @@
+"""What every service's Flask app has in common.
+
+``create_service_app`` turns a checked ``Config`` into an app with JSON
+logging, request ids, the body size limit, the error shape, the database
+pool (schema checked) and ``/livez`` plus the database part of ``/health``.
+Each service adds its own blueprint.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+
+from shared import embedded, schema
+from shared import logging as suite_logging
+from shared.auth import TokenAuthenticator
+from shared.config import Config
+from shared.db import Database, DatabaseUnavailable
+from shared.errors import register_error_handlers
+
+MAX_BODY_BYTES = 64 * 1024
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+log = logging.getLogger("payouts.web")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What a request needs besides itself: configuration and the database."""
+
+    name: str
+    config: Config
+    db: Database
+
+
+def suite() -> Suite:
+    return cast(Suite, current_app.extensions["suite"])
+
+
+def create_service_app(
+    config: Config, name: str, statement_timeout_ms: int | None = None
+) -> Flask:
+    """The common app; ``statement_timeout_ms`` is the service's default."""
+    settings = config.settings
+    suite_logging.configure(name, settings.log_level)
+    database_url = embedded.resolve_database_url(settings.database_url)
+    schema.require_current(database_url)
+    db = Database(
+        database_url,
+        size=settings.db_pool_size,
+        statement_timeout_ms=settings.db_statement_timeout_ms
+        or statement_timeout_ms
+        or 15_000,
+        application_name=name,
+    )
+
+    app = Flask(name)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["suite"] = Suite(name=name, config=config, db=db)
+    app.extensions["authenticator"] = TokenAuthenticator(config.secrets)
+    app.before_request(_start_request)
+    app.after_request(_finish_request)
+    register_error_handlers(app)
+    app.register_blueprint(_probes)
+    log.info(
+        "service_started",
+        extra={"version": settings.version, "environment": settings.environment},
+    )
+    return app
+
+
+def _start_request() -> None:
+    incoming = request.headers.get("X-Request-Id", "")
+    g.request_id = (
+        incoming if _REQUEST_ID.match(incoming) else suite_logging.new_request_id()
+    )
+    suite_logging.request_id.set(g.request_id)
+    project = suite().config.settings.gcp_project
+    trace_header = request.headers.get("X-Cloud-Trace-Context", "")
+    trace_id = trace_header.split("/", 1)[0]
+    if project and re.fullmatch(r"[0-9a-f]{32}", trace_id):
+        suite_logging.trace.set(f"projects/{project}/traces/{trace_id}")
+    else:
+        suite_logging.trace.set(None)
+
+
+def _finish_request(response: Response) -> Response:
+    response.headers["X-Request-Id"] = g.get("request_id", "")
+    return response
+
+
+_probes = Blueprint("probes", __name__)
+
+
+@_probes.get("/livez")
+def livez() -> Response:
+    return jsonify({"status": "ok"})
+
+
+def database_health(db: Database) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        db.ping()
+    except DatabaseUnavailable as error:
+        log.error("health_database_unreachable", extra={"error": str(error)})
+        return {"ok": False, "latency_ms": None}
+    latency_ms = round((time.perf_counter() - started) * 1000, 2)
+    return {"ok": True, "latency_ms": latency_ms}
+
+
+@_probes.get("/health")
+def health() -> tuple[Response, int]:
+    current = suite()
+    database = database_health(current.db)
+    body = {
+        "status": "ok" if database["ok"] else "down",
+        "service": current.name,
+        "version": current.config.settings.version,
+        "database": database,
+    }
+    return jsonify(body), 200 if database["ok"] else 503
