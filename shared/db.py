@@ -19,7 +19,6 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
-import psycopg2.pool
 
 from shared import money
 
@@ -62,7 +61,12 @@ _BROKEN = (psycopg2.OperationalError, psycopg2.InterfaceError)
 
 
 class Database:
-    """A bounded, thread-safe pool that waits for a free connection."""
+    """A bounded, thread-safe pool that waits for a free connection.
+
+    Idle connections are reused last-in first-out. When one turns out broken
+    (the server restarted), every idle one is dropped too: they are almost
+    certainly dead as well, and reconnecting costs less than a failed request.
+    """
 
     def __init__(
         self,
@@ -73,7 +77,6 @@ class Database:
         acquire_timeout_s: float = 10.0,
     ) -> None:
         self.dsn = dsn
-        self._size = size
         self._slots = threading.BoundedSemaphore(size)
         self._acquire_timeout_s = acquire_timeout_s
         self._options = {
@@ -81,38 +84,42 @@ class Database:
             "application_name": application_name,
             "options": f"-c statement_timeout={statement_timeout_ms} -c timezone=UTC",
         }
-        self._pool: psycopg2.pool.ThreadedConnectionPool | None = None
-        self._pool_lock = threading.Lock()
+        self._idle: list[psycopg2.extensions.connection] = []
+        self._idle_lock = threading.Lock()
 
-    def _get_pool(self) -> psycopg2.pool.ThreadedConnectionPool:
-        # Created lazily so a gunicorn worker opens its own connections after
-        # the fork, and a database that is down at start does not crash import.
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = psycopg2.pool.ThreadedConnectionPool(
-                    0, self._size, self.dsn, **self._options
-                )
-            return self._pool
+    def _take(self) -> psycopg2.extensions.connection:
+        with self._idle_lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is not None and not conn.closed:
+            return conn
+        try:
+            return psycopg2.connect(self.dsn, **self._options)
+        except _BROKEN as error:
+            raise DatabaseUnavailable(str(error).strip()) from error
+
+    def _give_back(self, conn: psycopg2.extensions.connection) -> None:
+        status = conn.get_transaction_status() if not conn.closed else None
+        if status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            with self._idle_lock:
+                self._idle.append(conn)
+            return
+        conn.close()
+        with self._idle_lock:
+            stale, self._idle = self._idle, []
+        for old in stale:
+            old.close()
 
     @contextmanager
     def connection(self) -> Iterator[psycopg2.extensions.connection]:
         if not self._slots.acquire(timeout=self._acquire_timeout_s):
             raise DatabaseUnavailable("no free database connection in time")
-        pool = self._get_pool()
-        conn = None
         try:
+            conn = self._take()
             try:
-                conn = pool.getconn()
-            except _BROKEN as error:
-                raise DatabaseUnavailable(str(error).strip()) from error
-            yield conn
+                yield conn
+            finally:
+                self._give_back(conn)
         finally:
-            if conn is not None:
-                broken = bool(conn.closed) or (
-                    conn.get_transaction_status()
-                    == psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN
-                )
-                pool.putconn(conn, close=broken)
             self._slots.release()
 
     @contextmanager
@@ -125,6 +132,7 @@ class Database:
                 conn.commit()
             except _BROKEN as error:
                 _rollback_quietly(conn)
+                conn.close()
                 raise DatabaseUnavailable(str(error).strip()) from error
             except BaseException:
                 _rollback_quietly(conn)
@@ -135,10 +143,10 @@ class Database:
             cur.execute("SELECT 1")
 
     def close(self) -> None:
-        with self._pool_lock:
-            if self._pool is not None:
-                self._pool.closeall()
-                self._pool = None
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
 
 def _rollback_quietly(conn: psycopg2.extensions.connection) -> None:
