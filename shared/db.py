@@ -79,11 +79,10 @@ class Database:
         self.dsn = dsn
         self._slots = threading.BoundedSemaphore(size)
         self._acquire_timeout_s = acquire_timeout_s
-        self._options = {
-            "connect_timeout": 5,
-            "application_name": application_name,
-            "options": f"-c statement_timeout={statement_timeout_ms} -c timezone=UTC",
-        }
+        self._application_name = application_name
+        self._server_options = (
+            f"-c statement_timeout={statement_timeout_ms} -c timezone=UTC"
+        )
         self._idle: list[psycopg2.extensions.connection] = []
         self._idle_lock = threading.Lock()
 
@@ -93,7 +92,12 @@ class Database:
         if conn is not None and not conn.closed:
             return conn
         try:
-            return psycopg2.connect(self.dsn, **self._options)
+            return psycopg2.connect(
+                self.dsn,
+                connect_timeout=5,
+                application_name=self._application_name,
+                options=self._server_options,
+            )
         except _BROKEN as error:
             raise DatabaseUnavailable(str(error).strip()) from error
 
