@@ -1,0 +1,278 @@
+"""payoutctl, the operator's command (DESIGN.md section 7).
+
+The database is ``DATABASE_URL``'s, else the embedded development server.
+Exit status: 0 done (reconcile: clean); 1 refused because of what the
+database holds (reconcile: a breach); 2 bad usage, input or configuration;
+3 the database cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NoReturn
+
+import click
+import psycopg2
+
+from shared import clients, money, reconcile, schema
+from shared.config import ConfigError, Settings, load_config
+from shared.db import Database, DatabaseUnavailable
+from shared.embedded import resolve_database_url
+
+
+class ConfigurationProblem(click.ClickException):
+    exit_code = 2
+
+
+class DatabaseDown(click.ClickException):
+    exit_code = 3
+
+
+class Runtime:
+    """What commands share, set up on first use so ``--help`` needs nothing."""
+
+    def __init__(self) -> None:
+        self._settings: Settings | None = None
+        self._url: str | None = None
+        self._database: Database | None = None
+
+    def database_url(self) -> str:
+        if self._url is None:
+            try:
+                self._settings = load_config("payoutctl").settings
+            except ConfigError as error:
+                raise ConfigurationProblem(str(error)) from None
+            try:
+                self._url = resolve_database_url(self._settings.database_url)
+            except RuntimeError as error:  # the embedded server is not installed
+                raise ConfigurationProblem(str(error)) from None
+        return self._url
+
+    def database(self) -> Database:
+        """The pool, on a schema this code knows."""
+        if self._database is None:
+            url = self.database_url()
+            assert self._settings is not None
+            try:
+                schema.require_current(url)
+            except schema.SchemaOutdated as error:
+                raise ConfigurationProblem(str(error)) from None
+            # An operator's command reads the whole database: it may take
+            # longer than a request does.
+            timeout_ms = self._settings.db_statement_timeout_ms or 120_000
+            self._database = Database(
+                url,
+                size=2,
+                statement_timeout_ms=timeout_ms,
+                application_name="payoutctl",
+            )
+        return self._database
+
+    def close(self) -> None:
+        if self._database is not None:
+            self._database.close()
+
+
+class PayoutctlGroup(click.Group):
+    """Turns the errors every command can meet into messages and statuses."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except clients.Refused as error:
+            raise click.ClickException(str(error)) from None
+        except (DatabaseUnavailable, psycopg2.OperationalError) as error:
+            reason = str(error).strip() or type(error).__name__
+            raise DatabaseDown(f"database unavailable: {reason}") from None
+
+
+def channel_id(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> int | None:
+    """Read a BIGINT channel id; click hands over ``-100...`` as a value."""
+    if value is None:
+        return None
+    option = param.opts[0] if param.opts else "ID"
+    try:
+        return clients.parse_channel_id(value, option)
+    except clients.InvalidInput as error:
+        raise click.BadParameter(error.message, ctx, param) from None
+
+
+def _bad_input(error: clients.InvalidInput) -> NoReturn:
+    if error.option is None:
+        raise click.UsageError(error.message) from None
+    raise click.BadParameter(error.message, param_hint=error.option) from None
+
+
+@click.group(cls=PayoutctlGroup)
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Operate the payout accumulation suite."""
+    runtime = ctx.ensure_object(Runtime)
+    ctx.call_on_close(runtime.close)
+
+
+@main.command()
+@click.pass_obj
+def migrate(runtime: Runtime) -> None:
+    """Apply the schema migrations the database lacks."""
+    applied = schema.migrate(runtime.database_url())
+    if applied:
+        click.echo(f"applied {len(applied)} migration(s): {', '.join(applied)}")
+    else:
+        click.echo("schema is current: no migration to apply")
+
+
+@main.command("reconcile")
+@click.pass_context
+def reconcile_command(ctx: click.Context) -> None:
+    """Check the invariants; exit 1 when one is broken."""
+    runtime: Runtime = ctx.obj
+    report = reconcile.run(runtime.database())
+    for breach in report.breaches:
+        click.echo(breach.line)
+    click.echo(report.summary())
+    if not report.clean:
+        ctx.exit(1)
+
+
+@main.group("clients")
+def clients_command() -> None:
+    """Add, list and change clients (channel owners)."""
+
+
+@clients_command.command("add")
+@click.option(
+    "--client-id",
+    metavar="ID",
+    callback=channel_id,
+    required=True,
+    help="The paid channel id (negative for Telegram channels).",
+)
+@click.option(
+    "--open-channel-id", metavar="ID", callback=channel_id, help="The free channel id."
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["threshold", "instant"]),
+    required=True,
+    help="Pay when the threshold is reached, or per payment.",
+)
+@click.option(
+    "--threshold",
+    "threshold_text",
+    metavar="USD",
+    help="Payout threshold in USD (threshold clients only).",
+)
+@click.option("--wallet", metavar="ADDRESS", help="Where payouts go.")
+@click.option("--currency", metavar="CODE", help="Payout currency, e.g. usdt.")
+@click.option("--network", metavar="CODE", help="Payout network, e.g. eth.")
+@click.pass_obj
+def add_client(
+    runtime: Runtime,
+    client_id: int,
+    open_channel_id: int | None,
+    strategy: clients.Strategy,
+    threshold_text: str | None,
+    wallet: str | None,
+    currency: str | None,
+    network: str | None,
+) -> None:
+    """Add a client; an existing one is refused, never updated."""
+    try:
+        payout_wallet = clients.optional_wallet(wallet, currency, network)
+        client = clients.new_client(
+            client_id, open_channel_id, strategy, threshold_text, payout_wallet
+        )
+    except clients.InvalidInput as error:
+        _bad_input(error)
+
+    with runtime.database().transaction() as cur:
+        clients.add(cur, client)
+
+    click.echo(f"added client {client.client_id}: {_describe(client)}")
+
+
+def _describe(client: clients.NewClient) -> str:
+    if client.threshold_usd is None:
+        parts = ["paid per payment"]
+    else:
+        parts = [f"paid out at {money.to_text(client.threshold_usd)} usd"]
+    if client.open_channel_id is not None:
+        parts.append(f"open channel {client.open_channel_id}")
+    if client.wallet is None:
+        parts.append("no wallet yet")
+    else:
+        wallet = client.wallet
+        parts.append(f"{wallet.currency} on {wallet.network} to {wallet.address}")
+    return ", ".join(parts)
+
+
+@clients_command.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def list_clients(runtime: Runtime, as_json: bool) -> None:
+    """List every client."""
+    with runtime.database().transaction() as cur:
+        rows = clients.list_all(cur)
+
+    if as_json:
+        click.echo(json.dumps([clients.as_json(row) for row in rows], indent=2))
+    elif rows:
+        click.echo(clients.as_table(rows))
+    else:
+        click.echo("no clients")
+
+
+# ignore_unknown_options lets a negative amount reach the check that words
+# the refusal, instead of click reading "-5" as an unknown option.
+@clients_command.command(
+    "set-threshold", context_settings={"ignore_unknown_options": True}
+)
+@click.option("--client-id", metavar="ID", callback=channel_id, required=True)
+@click.argument("usd")
+@click.pass_obj
+def set_threshold(runtime: Runtime, client_id: int, usd: str) -> None:
+    """Change a threshold client's payout threshold (USD)."""
+    try:
+        threshold = clients.parse_threshold(usd, "USD")
+    except clients.InvalidInput as error:
+        _bad_input(error)
+
+    with runtime.database().transaction() as cur:
+        changed = clients.set_threshold(cur, client_id, threshold)
+
+    amount = money.to_text(threshold)
+    if changed:
+        click.echo(f"client {client_id}: threshold set to {amount} usd")
+    else:
+        click.echo(f"client {client_id}: threshold already {amount} usd, unchanged")
+
+
+@clients_command.command("set-wallet")
+@click.option("--client-id", metavar="ID", callback=channel_id, required=True)
+@click.option("--wallet", metavar="ADDRESS", required=True)
+@click.option("--currency", metavar="CODE", required=True)
+@click.option("--network", metavar="CODE", required=True)
+@click.pass_obj
+def set_wallet(
+    runtime: Runtime, client_id: int, wallet: str, currency: str, network: str
+) -> None:
+    """Change where a client is paid."""
+    try:
+        payout_wallet = clients.parse_wallet(wallet, currency, network)
+    except clients.InvalidInput as error:
+        _bad_input(error)
+
+    with runtime.database().transaction() as cur:
+        changed = clients.set_wallet(cur, client_id, payout_wallet)
+
+    where = (
+        f"{payout_wallet.currency} on {payout_wallet.network} "
+        f"to {payout_wallet.address}"
+    )
+    if changed:
+        click.echo(f"client {client_id}: paid in {where}")
+    else:
+        click.echo(f"client {client_id}: already paid in {where}, unchanged")
