@@ -11,8 +11,9 @@ from gcaccumulator.crediting import Accumulator, Delivery, Result, ValuationUnav
 from gcaccumulator.prices import Prices, make_prices
 from shared.auth import authenticate_request
 from shared.config import load_config
-from shared.errors import ApiError, error_response
-from shared.secrets import SecretSource
+from shared.db import DatabaseUnavailable
+from shared.errors import ApiError, error_response, unavailable
+from shared.secrets import SecretError, SecretSource
 from shared.web import MAX_BODY_BYTES, create_service_app
 
 bp = Blueprint("accumulator", __name__)
@@ -39,16 +40,27 @@ def _accumulator() -> Accumulator:
     return cast(Accumulator, current_app.extensions["accumulator"])
 
 
+# How much of an oversized body without Content-Length is read (and thrown
+# away) to learn its size; past this the size is recorded as this bound.
+_DRAIN_LIMIT = 16 * 1024 * 1024
+
+
 def _read_delivery(source: str) -> Delivery:
     """The raw body, read past Flask's limit so an oversized one is recorded too."""
     stream = request.environ["wsgi.input"]
     declared = request.content_length
     if declared is not None and declared > MAX_BODY_BYTES:
         return Delivery(source, stream.read(MAX_BODY_BYTES), declared, g.request_id)
-    body = (
-        stream.read(MAX_BODY_BYTES + 1) if declared is None else stream.read(declared)
-    )
-    return Delivery(source, body[:MAX_BODY_BYTES], len(body), g.request_id)
+    if declared is not None:
+        return Delivery(source, stream.read(declared), declared, g.request_id)
+    body = stream.read(MAX_BODY_BYTES + 1)
+    size = len(body)
+    while MAX_BODY_BYTES < size < _DRAIN_LIMIT:
+        chunk = stream.read(min(65536, _DRAIN_LIMIT - size))
+        if not chunk:
+            break
+        size += len(chunk)
+    return Delivery(source, body[:MAX_BODY_BYTES], size, g.request_id)
 
 
 def _answer(result: Result) -> tuple[Response, int]:
@@ -87,6 +99,14 @@ def receive_payment() -> tuple[Response, int]:
         return _answer(_accumulator().refuse(delivery, refused))
     result = _too_large(delivery) or _accumulator().receive_router_payment(delivery)
     return _answer(result)
+
+
+@bp.errorhandler(DatabaseUnavailable)
+@bp.errorhandler(SecretError)
+def retry_later(error: Exception) -> Response:
+    # Every answer to a delivery carries an outcome, this one included: the
+    # sender should retry, and nothing was recorded or credited.
+    return unavailable(error, outcome="retry_later")
 
 
 @bp.errorhandler(ValuationUnavailable)

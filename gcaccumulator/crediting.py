@@ -133,9 +133,12 @@ class Accumulator:
 
         secret = self.secrets.get("NOWPAYMENTS_IPN_SECRET")
         if not ipn.signature_matches(secret, delivery.raw_body, payload, signature):
-            reason = "missing" if not signature else "does not match the body"
+            reason = "is missing" if not signature else "does not match the body"
             return refusal(
-                "bad_signature", 401, f"the x-nowpayments-sig signature is {reason}"
+                "bad_signature",
+                401,
+                f"the x-nowpayments-sig signature {reason}",
+                signature_valid=False,
             )
 
         try:

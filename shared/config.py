@@ -116,6 +116,8 @@ class Settings(BaseModel):
     process_interval_s: int = Field(default=300, ge=10)
     job_grace_s: int = Field(default=60, ge=0)
     swap_stale_after: int = Field(default=7200, ge=60)
+    # A run holding its job's lock longer than this loses it (DESIGN.md 5).
+    job_lock_timeout_s: int = Field(default=240, ge=5)
 
     heartbeat_url_check_threshold: str | None = None
     heartbeat_url_process: str | None = None
@@ -306,27 +308,45 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     secrets: SecretSource | None = None,
 ) -> Config:
-    """Read and check everything ``service`` needs; raise naming every problem."""
+    """Read and check everything ``service`` needs; raise naming every problem.
+
+    A value that does not validate is reported and then left at its default
+    for the remaining checks, so one bad variable never hides another.
+    """
     env = dict(os.environ if environ is None else environ)
-    try:
-        settings = Settings.model_validate(_settings_kwargs(env))
-    except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
-    problems = _service_problems(settings, service)
-    problems += _production_problems(settings, service)
-    if secrets is None and not problems:
+    settings, problems = _validate(_settings_kwargs(env))
+    reported = {problem.split(":", 1)[0] for problem in problems}
+    later = _service_problems(settings, service) + _production_problems(
+        settings, service
+    )
+    problems += [p for p in later if p.split(":", 1)[0] not in reported]
+    if (
+        secrets is None
+        and "SECRETS_BACKEND" not in reported
+        and not (settings.secrets_backend == "gcp" and settings.gcp_project is None)
+    ):
         secrets = make_secret_source(
             settings.secrets_backend,
             env,
             settings.gcp_project,
             settings.secrets_cache_s,
         )
-    if secrets is not None and not problems:
+    if secrets is not None:
         problems += _secret_problems(secrets, settings, service)
     if problems:
         raise ConfigError(problems)
     assert secrets is not None
     return Config(settings=settings, secrets=secrets, service=service)
+
+
+def _validate(kwargs: dict[str, str]) -> tuple[Settings, list[str]]:
+    """Settings from ``kwargs``, with each invalid one reported and dropped."""
+    try:
+        return Settings.model_validate(kwargs), []
+    except ValidationError as error:
+        bad = {str(item["loc"][0]) for item in error.errors() if item["loc"]}
+        good = {name: value for name, value in kwargs.items() if name not in bad}
+        return Settings.model_validate(good), _describe(error)
 
 
 def _settings_kwargs(env: Mapping[str, str]) -> dict[str, str]:

@@ -69,6 +69,17 @@ def _snake(name: str) -> str:
     return "_".join(name.lower().replace("-", " ").split())
 
 
+def unavailable(error: Exception, **extra: Any) -> Response:
+    """503 for what a retry may fix: the database or a secret out of reach."""
+    if isinstance(error, DatabaseUnavailable):
+        log.error("database_unavailable", extra={"error": str(error)})
+        code, what = "database_unavailable", "the database cannot be reached"
+    else:
+        log.error("secret_unavailable", extra={"error": str(error)})
+        code, what = "secret_unavailable", "a secret cannot be read"
+    return error_response(code, f"{what}; retry later", 503, **extra)
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_error(error: ApiError) -> Response:
@@ -78,21 +89,14 @@ def register_error_handlers(app: Flask) -> None:
     def http_error(error: HTTPException) -> Response:
         status = error.code or 500
         name = "body_too_large" if status == 413 else _snake(error.name)
-        return error_response(name, error.description or error.name, status)
+        response = error_response(name, error.description or error.name, status)
+        allowed = getattr(error, "valid_methods", None)
+        if allowed:  # a 405 says what is allowed
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
 
-    @app.errorhandler(DatabaseUnavailable)
-    def database_down(error: DatabaseUnavailable) -> Response:
-        log.error("database_unavailable", extra={"error": str(error)})
-        return error_response(
-            "database_unavailable", "the database cannot be reached; retry later", 503
-        )
-
-    @app.errorhandler(SecretError)
-    def secret_unreadable(error: SecretError) -> Response:
-        log.error("secret_unavailable", extra={"error": str(error)})
-        return error_response(
-            "secret_unavailable", "a secret cannot be read; retry later", 503
-        )
+    app.register_error_handler(DatabaseUnavailable, unavailable)
+    app.register_error_handler(SecretError, unavailable)
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:

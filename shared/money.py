@@ -85,13 +85,24 @@ def exact(amount: Decimal, column: Column, field: str = "amount") -> Decimal:
         raise AmountError(f"{field} is too large (limit {column.limit:f})")
     exponent = amount.as_tuple().exponent
     assert isinstance(exponent, int)
-    if exponent < -column.scale and amount != amount.quantize(column.unit):
+    if exponent >= -column.scale:
+        return amount
+    # The default context's 28 digits cannot hold a NUMERIC(38,18) value at
+    # full scale; quantizing there would raise instead of answering.
+    with localcontext() as ctx:
+        ctx.prec = _WORK_PRECISION
+        quantized = amount.quantize(column.unit)
+    if amount != quantized:
         raise AmountError(f"{field} has more than {column.scale} decimal places")
-    return amount.quantize(column.unit) if exponent < -column.scale else amount
+    return quantized
 
 
 def quantize(amount: Decimal, column: Column, field: str = "amount") -> Decimal:
     """Round half-up to the column's unit, and check that it fits."""
+    # Checked before rounding as well: a value far past the column (1e100)
+    # has more digits at the column's scale than even the working precision.
+    if abs(amount) >= column.limit:
+        raise AmountError(f"{field} is too large (limit {column.limit:f})")
     with localcontext() as ctx:
         ctx.prec = _WORK_PRECISION
         rounded = amount.quantize(column.unit, rounding=ROUND_HALF_UP)
