@@ -9,7 +9,8 @@ JavaScript does it. Nothing else is accepted.
 Re-serialising needs JavaScript's numbers, which are doubles: this module's
 formatter is the one place an IPN value passes through ``float``, and only to
 print it the way JavaScript would. What is stored comes from the ``Decimal``
-parse.
+parse (which asks ``float`` only what a number too large or too small for
+``Decimal`` is: an infinity or a zero, as in JavaScript).
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 _HEX_SIGNATURE = re.compile(r"^[0-9a-fA-F]{128}$")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Keys a JavaScript object keeps first, in numeric order: array indices.
-_ARRAY_INDEX = re.compile(r"^(0|[1-9][0-9]{0,9})$")
+# \Z, not $: "$" also matches before a final newline, and "0\n" is no index.
+_ARRAY_INDEX = re.compile(r"^(0|[1-9][0-9]{0,9})\Z")
 _MAX_ARRAY_INDEX = 2**32 - 2
 
 
@@ -36,11 +39,41 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _parse_decimal(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        # An exponent past Decimal's range (1e9999999999999999999) is still
+        # JSON; JavaScript reads it as Infinity or 0, and so do we, instead of
+        # failing the request.
+        return Decimal(repr(float(text)))
+
+
+def _parse_int(text: str) -> int | Decimal:
+    try:
+        return int(text)
+    except ValueError:
+        # Python refuses integers of more than 4300 digits by default (a guard
+        # against slow conversion); JavaScript reads them, so the body is
+        # still JSON and its signature must be checked. Decimal reads them in
+        # linear time.
+        return Decimal(text)
+
+
 def parse_object(raw: bytes) -> dict[str, Any]:
-    """Parse a body as one JSON object, numbers as ``Decimal`` and ``int``."""
+    """Parse a body as one JSON object, numbers as ``Decimal`` and ``int``.
+
+    Like JavaScript, any JSON number is accepted, however long: a number no
+    ``Decimal`` can hold becomes an infinite or zero ``Decimal``.
+    """
     try:
         text = raw.decode("utf-8")
-        payload = json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
+        payload = json.loads(
+            text,
+            parse_float=_parse_decimal,
+            parse_int=_parse_int,
+            parse_constant=_refuse_constant,
+        )
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise NotJsonObject("the body is not valid JSON") from None
     if not isinstance(payload, dict):
@@ -51,9 +84,19 @@ def parse_object(raw: bytes) -> dict[str, Any]:
 # --- JavaScript's JSON.stringify -------------------------------------------
 
 
+def _as_double(value: int | Decimal | float) -> float:
+    """The double JavaScript holds for a JSON number (every number is one)."""
+    try:
+        return float(value)
+    except OverflowError:
+        # Only an int raises this, where a Decimal or a float would give an
+        # infinity; JavaScript rounds such an integer to Infinity too.
+        return math.inf if value > 0 else -math.inf
+
+
 def js_number(value: int | Decimal | float) -> str:
     """Format a number as JavaScript's ``Number.prototype.toString`` does."""
-    number = float(value)  # JavaScript holds every JSON number as a double
+    number = _as_double(value)
     if number != number or number in (float("inf"), float("-inf")):
         return "null"  # JSON.stringify(NaN) and of +-Infinity
     if number == 0:
@@ -156,9 +199,16 @@ def _contains_array(value: Any) -> bool:
 
 def signed_forms(raw: bytes, payload: dict[str, Any]) -> list[bytes]:
     """Every byte string whose signature we accept for this delivery."""
-    forms = [raw, canonical_json(payload, arrays_as_objects=False).encode("utf-8")]
-    if _contains_array(payload):
-        forms.append(canonical_json(payload, arrays_as_objects=True).encode("utf-8"))
+    try:
+        forms = [raw, canonical_json(payload, arrays_as_objects=False).encode("utf-8")]
+        if _contains_array(payload):
+            forms.append(
+                canonical_json(payload, arrays_as_objects=True).encode("utf-8")
+            )
+    except RecursionError:
+        # Nested deeper than we re-serialise: no IPN looks like this, so
+        # only a signature over the exact bytes can vouch for it.
+        return [raw]
     return forms
 
 

@@ -119,7 +119,7 @@ class _Fields:
             return None
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
-        if not isinstance(value, str) or not pattern.match(value):
+        if not isinstance(value, str) or not pattern.fullmatch(value):
             self.problems.append(f"{name} is not a valid identifier")
             return None
         return value
