@@ -156,6 +156,57 @@ def accumulator(make_accumulator: Callable[..., Flask]) -> Flask:
     return make_accumulator()
 
 
+class RecordingSender:
+    """A task sender that keeps what it was given (or fails on request)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+        self.fail_with: str | None = None
+
+    def send(self, task: Any) -> None:
+        from shared.outbox import DeliveryFailed
+
+        if self.fail_with is not None:
+            raise DeliveryFailed(self.fail_with)
+        self.sent.append(task)
+
+
+MICROBATCH_ENV = {
+    "SERVICE_URL": "http://microbatch.test",
+    "SWAP_EXECUTOR_URL": "http://executor.test/swap",
+    "BATCH_PROCESSOR_URL": "http://batch.test",
+    "MICRO_BATCH_THRESHOLD_USD": "10",
+}
+
+
+@pytest.fixture
+def swap_sender() -> RecordingSender:
+    return RecordingSender()
+
+
+@pytest.fixture
+def make_microbatch(
+    database_url: str, swap_sender: RecordingSender
+) -> Callable[..., Flask]:
+    from gcmicrobatchprocessor.app import create_app
+
+    def make(secrets: Any = None, sender: Any = None, **overrides: str) -> Flask:
+        environ = base_environ(database_url, **{**MICROBATCH_ENV, **overrides})
+        return create_app(
+            environ=environ, secrets=secrets, sender=sender or swap_sender
+        )
+
+    return make
+
+
+@pytest.fixture
+def microbatch(make_microbatch: Callable[..., Flask]) -> Flask:
+    return make_microbatch()
+
+
+INTERNAL_HEADERS = {"Authorization": f"Bearer {INTERNAL_TOKEN}"}
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[[Flask], str]]:
     """Serve an app over real HTTP on a free port; return its base URL."""
