@@ -89,6 +89,7 @@ def test_below_the_threshold_nothing_is_claimed(
     assert swap_sender.sent == []
     with db.transaction() as cur:
         cur.execute(
-            "SELECT count(*) AS n FROM payout_accumulation WHERE conversion_status = 'pending'"
+            "SELECT count(*) AS n FROM payout_accumulation"
+            " WHERE conversion_status = 'pending'"
         )
         assert cur.fetchone()["n"] == 2
