@@ -118,6 +118,9 @@ class Settings(BaseModel):
     swap_stale_after: int = Field(default=7200, ge=60)
     # A run holding its job's lock longer than this loses it (DESIGN.md 5).
     job_lock_timeout_s: int = Field(default=240, ge=5)
+    # How long a run spends re-sending tasks before it answers; the next run
+    # carries on with the rest.
+    outbox_send_budget_s: int = Field(default=20, ge=1, le=600)
 
     heartbeat_url_check_threshold: str | None = None
     heartbeat_url_process: str | None = None

@@ -118,6 +118,13 @@ def multiply(a: Decimal, b: Decimal) -> Decimal:
         return a * b
 
 
+def divide(a: Decimal, b: Decimal) -> Decimal:
+    """A quotient to 80 significant digits, for the caller to quantize."""
+    with localcontext() as ctx:
+        ctx.prec = _WORK_PRECISION
+        return a / b
+
+
 def percent_of(amount: Decimal, percent: Decimal, column: Column) -> Decimal:
     """``amount x percent / 100`` rounded half-up to the column's unit."""
     with localcontext() as ctx:

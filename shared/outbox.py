@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -116,11 +118,19 @@ class Outbox:
         self.concurrency = concurrency
 
     def deliver_due(
-        self, limit: int = 1000, ids: Iterable[int] | None = None
+        self,
+        limit: int = 500,
+        ids: Iterable[int] | None = None,
+        budget_s: float | None = None,
     ) -> DeliveryReport:
-        """Send this service's due tasks (or just ``ids``), at most ``limit``."""
+        """Send this service's due tasks (or just ``ids``), ``limit`` at a time.
+
+        With ``budget_s``, no new lease starts once that time has passed:
+        a run must answer its scheduler in time, and the next run carries on.
+        """
         report = DeliveryReport()
-        while True:
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        while deadline is None or time.monotonic() < deadline:
             tasks = self._lease(limit, ids)
             if not tasks:
                 return report
@@ -132,6 +142,7 @@ class Outbox:
                         report.failed += 1
             if ids is not None or len(tasks) < limit:
                 return report
+        return report
 
     def _lease(self, limit: int, ids: Iterable[int] | None) -> list[Task]:
         with self.db.transaction() as cur:
@@ -192,15 +203,18 @@ class Outbox:
 class HttpSender:
     """Posts the task straight to its target (``TASKS_BACKEND=http``)."""
 
-    def __init__(
-        self,
-        secrets: SecretSource,
-        timeout_s: float = 10,
-        session: requests.Session | None = None,
-    ) -> None:
+    def __init__(self, secrets: SecretSource, timeout_s: float = 10) -> None:
         self._secrets = secrets
         self._timeout_s = timeout_s
-        self._session = session or requests.Session()
+        # One session per sending thread: sessions keep connections alive but
+        # are not meant to be shared between threads.
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
 
     def send(self, task: Task) -> None:
         headers = {
@@ -209,7 +223,7 @@ class HttpSender:
             **task.headers,
         }
         try:
-            response = self._session.post(
+            response = self._session().post(
                 task.target_url,
                 json=task.payload,
                 headers=headers,

@@ -49,7 +49,8 @@ def answer_run(
 
     def work_then_resend(identity: RunIdentity) -> dict[str, Any]:
         figures = work(identity)
-        figures.update(tasks.deliver_due().as_figures())
+        budget = suite().config.settings.outbox_send_budget_s
+        figures.update(tasks.deliver_due(budget_s=budget).as_figures())
         return figures
 
     settings = suite().config.settings

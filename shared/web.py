@@ -8,10 +8,12 @@ Each service adds its own blueprint.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
@@ -21,7 +23,7 @@ from shared import logging as suite_logging
 from shared.auth import TokenAuthenticator
 from shared.config import Config
 from shared.db import Database, DatabaseUnavailable
-from shared.errors import register_error_handlers
+from shared.errors import ApiError, register_error_handlers
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -74,6 +76,25 @@ def create_service_app(
         extra={"version": settings.version, "environment": settings.environment},
     )
     return app
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_object_body() -> dict[str, Any]:
+    """The request body as a JSON object, numbers as Decimal; else 400."""
+    try:
+        payload = json.loads(
+            request.get_data().decode("utf-8"),
+            parse_float=Decimal,
+            parse_constant=_refuse_constant,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ApiError("the body is not valid JSON", code="invalid") from None
+    if not isinstance(payload, dict):
+        raise ApiError("the body must be a JSON object", code="invalid")
+    return payload
 
 
 def _start_request() -> None:
