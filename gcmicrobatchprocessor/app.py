@@ -5,18 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, jsonify
 
-from gcaccumulator.ipn import NotJsonObject, parse_object
 from gcmicrobatchprocessor import conversion, sharing
 from shared.auth import require_internal_auth
 from shared.config import load_config
-from shared.errors import ApiError
 from shared.jobs import RunIdentity
 from shared.outbox import Outbox, make_sender
 from shared.scheduled import answer_run
 from shared.secrets import SecretSource
-from shared.web import create_service_app, suite
+from shared.web import create_service_app, json_object_body, suite
 
 bp = Blueprint("microbatch", __name__)
 
@@ -68,9 +66,6 @@ def check_threshold() -> tuple[Response, int]:
 @bp.post("/swap-executed")
 @require_internal_auth
 def swap_executed() -> Response:
-    try:
-        payload = parse_object(request.get_data())
-    except NotJsonObject as error:
-        raise ApiError(str(error), code="invalid") from None
+    payload = json_object_body()
     outcome = sharing.read_callback(payload)
     return jsonify(sharing.apply_callback(suite().db, outcome))
