@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint fmt migrate bench-ingest clean
+.PHONY: help install run demo test lint fmt migrate bench-ingest clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -21,6 +21,9 @@ install: $(STAMP) ## create .venv and install the suite with its dev tools
 
 run: $(STAMP) ## run the local system: database, migrations, services
 	$(BIN)/python -m scripts.run_local
+
+demo: $(STAMP) ## run the system on its own ports, replay traffic, check, stop
+	$(BIN)/python -m scripts.demo
 
 test: $(STAMP) ## run every test (DATABASE_URL if set, else an embedded PostgreSQL)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -112,8 +112,8 @@ class Settings(BaseModel):
     micro_batch_processor_url: str | None = None
     batch_processor_url: str | None = None
 
-    check_threshold_interval_s: int = Field(default=300, ge=10)
-    process_interval_s: int = Field(default=300, ge=10)
+    check_threshold_interval_s: int = Field(default=300, ge=1)
+    process_interval_s: int = Field(default=300, ge=1)
     job_grace_s: int = Field(default=60, ge=0)
     swap_stale_after: int = Field(default=7200, ge=60)
     # A run holding its job's lock longer than this loses it (DESIGN.md 5).
