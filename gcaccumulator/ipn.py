@@ -197,9 +197,29 @@ def _contains_array(value: Any) -> bool:
     return False
 
 
+def numbers_survive_javascript(value: Any) -> bool:
+    """Whether every number in ``value`` reads back as JavaScript printed it.
+
+    Two bodies whose numbers differ only past a double's precision (payment
+    id 2**53 + 1, amount 12.000000000000000001) re-serialise to the same
+    text, so a signature over that text cannot tell them apart: such a body
+    is trusted only on a signature over its exact bytes.
+    """
+    if isinstance(value, dict):
+        return all(numbers_survive_javascript(item) for item in value.values())
+    if isinstance(value, list):
+        return all(numbers_survive_javascript(item) for item in value)
+    if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
+        printed = js_number(value)
+        return printed != "null" and Decimal(printed) == Decimal(value)
+    return True
+
+
 def signed_forms(raw: bytes, payload: dict[str, Any]) -> list[bytes]:
     """Every byte string whose signature we accept for this delivery."""
     try:
+        if not numbers_survive_javascript(payload):
+            return [raw]
         forms = [raw, canonical_json(payload, arrays_as_objects=False).encode("utf-8")]
         if _contains_array(payload):
             forms.append(

@@ -17,8 +17,8 @@ from shared import money
 BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
 FINISHED = "finished"
 
-_ORDER_ID = re.compile(r"^PGP-([0-9]{1,19})\|(-?[0-9]{1,19})$")
-_PAYMENT_ID = re.compile(r"^[0-9]{1,40}$")
+_ORDER_ID = re.compile(r"PGP-([0-9]{1,19})\|(-?[1-9][0-9]{0,18})", re.ASCII)
+_PAYMENT_ID = re.compile(r"[0-9]{1,40}", re.ASCII)
 _CURRENCY = re.compile(r"^[a-z0-9]{2,20}$")
 _STATUS = re.compile(r"^[a-z_]{1,32}$")
 _SUBSCRIPTION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -58,19 +58,24 @@ class _Fields:
         return value
 
     def identifier(self, name: str) -> str:
-        """An id given as a JSON integer or a string of digits, kept as text."""
+        """A positive id, as a JSON integer or a string of digits.
+
+        Kept as text in its one canonical spelling: "0940000007" and
+        940000007 are the same payment and must meet the same unique key.
+        """
         value = self._get(name)
         if value is None:
             return ""
-        text = (
-            str(value)
-            if isinstance(value, int) and not isinstance(value, bool)
-            else value
-        )
-        if not isinstance(text, str) or not _PAYMENT_ID.match(text.strip()):
-            self.problems.append(f"{name} must be a non-negative integer")
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not _PAYMENT_ID.fullmatch(value):
+            self.problems.append(f"{name} must be a positive integer")
             return ""
-        return text.strip()
+        canonical = str(int(value))
+        if canonical == "0":
+            self.problems.append(f"{name} must be a positive integer")
+            return ""
+        return canonical
 
     def integer(self, name: str, minimum: int = BIGINT_MIN) -> int:
         value = self._get(name)
@@ -142,7 +147,7 @@ def read_ipn(payload: dict[str, Any], payment_id: str) -> Payment:
     """A finished IPN's payment; ``order_id`` is ``PGP-{user_id}|{channel_id}``."""
     fields = _Fields(payload)
     order_id = fields._get("order_id")
-    match = _ORDER_ID.match(order_id.strip()) if isinstance(order_id, str) else None
+    match = _ORDER_ID.fullmatch(order_id) if isinstance(order_id, str) else None
     if order_id is not None and match is None:
         fields.problems.append("order_id must look like PGP-{user_id}|{channel_id}")
     user_id, channel_id = (
@@ -180,7 +185,7 @@ def read_router_payment(payload: dict[str, Any]) -> Payment:
     payment = Payment(
         payment_id=fields.identifier("nowpayments_payment_id"),
         channel_id=fields.integer("client_id"),
-        user_id=fields.integer("user_id"),
+        user_id=fields.integer("user_id", minimum=0),
         outcome_amount=fields.amount("outcome_amount", money.CRYPTO, positive=True),
         outcome_currency=fields.code("outcome_currency"),
         subscription_id=fields.optional_text("subscription_id", _SUBSCRIPTION_ID),

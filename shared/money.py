@@ -11,8 +11,9 @@ columns (DESIGN.md section 2):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 
 
 class AmountError(ValueError):
@@ -42,6 +43,9 @@ CRYPTO = Column("crypto", 38, 18)
 USDT = Column("usdt", 24, 6)
 PERCENT = Column("percent", 6, 4)
 
+# A decimal number as JSON writes one (a leading "+" is not JSON), ASCII only.
+_DECIMAL_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?", re.ASCII)
+
 # Enough digits that no product or quotient of two column values is ever
 # rounded before we round it on purpose.
 _WORK_PRECISION = 80
@@ -63,13 +67,11 @@ def parse_amount(value: object, field: str = "amount") -> Decimal:
     if isinstance(value, Decimal):
         amount = value
     elif isinstance(value, str):
+        # Decimal() alone would also take "1_000", "NaN" and non-ASCII digits.
         text = value.strip()
-        if not text or len(text) > 100:
+        if len(text) > 100 or not _DECIMAL_TEXT.fullmatch(text):
             raise AmountError(f"{field} must be a decimal number")
-        try:
-            amount = Decimal(text)
-        except InvalidOperation:
-            raise AmountError(f"{field} must be a decimal number") from None
+        amount = Decimal(text)
     else:
         raise AmountError(f"{field} must be a decimal number")
     if not amount.is_finite():

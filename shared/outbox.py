@@ -15,6 +15,7 @@ send the same task at the same moment.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -179,7 +180,15 @@ class Outbox:
                     QUERIES["record_failure"],
                     {"id": task.id, "error": str(error)[:500], "delay_s": delay},
                 )
-            log.warning(
+            # The sibling of a watchdog trigger is down and unreachable too:
+            # nothing will run that job until someone looks.
+            level = (
+                logging.ERROR
+                if task.payload.get("kind") == "watchdog"
+                else logging.WARNING
+            )
+            log.log(
+                level,
                 "task_delivery_failed",
                 extra={
                     "task_id": task.id,
@@ -236,11 +245,20 @@ class HttpSender:
 
 
 _TASK_NAME = re.compile(r"[^A-Za-z0-9_-]")
+_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,500}")
 
 
 def cloud_task_id(dedup_key: str) -> str:
-    """A Cloud Tasks task id from a dedup key: same key, same id, always."""
-    return _TASK_NAME.sub("_", dedup_key)[:500]
+    """A Cloud Tasks task id from a dedup key: same key, same id, always.
+
+    A key that is a valid id already is the id. Any other key is made valid
+    and given a digest of itself: two keys must never share an id, or Cloud
+    Tasks refuses the second task as a resend of the first and it is lost.
+    """
+    if _TASK_ID.fullmatch(dedup_key):
+        return dedup_key
+    digest = hashlib.sha256(dedup_key.encode()).hexdigest()[:32]
+    return f"{_TASK_NAME.sub('_', dedup_key)[:400]}-{digest}"
 
 
 class CloudTasksSender:

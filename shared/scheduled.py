@@ -11,13 +11,16 @@ read at run time), 500 otherwise.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from flask import Response, jsonify, request
 
+from shared import watchdog
 from shared.config import ConfigError
 from shared.db import DatabaseUnavailable
 from shared.errors import ApiError, error_response
+from shared.health import interval_of
 from shared.jobs import BadRunRequest, JobRunner, RunIdentity, identify_run, utcnow
 from shared.outbox import Outbox
 from shared.secrets import SecretError
@@ -26,20 +29,13 @@ from shared.web import suite
 _RETRYABLE = (DatabaseUnavailable, SecretError, ConfigError)
 
 
-def interval_of(job: str) -> int:
-    settings = suite().config.settings
-    if job == "check-threshold":
-        return settings.check_threshold_interval_s
-    return settings.process_interval_s
-
-
 def answer_run(
     job: str, work: Callable[[RunIdentity], dict[str, Any]], tasks: Outbox
 ) -> tuple[Response, int]:
     try:
         identity = identify_run(
             job,
-            interval_of(job),
+            interval_of(suite().config.settings, job),
             utcnow(),
             schedule_time=request.headers.get("X-CloudScheduler-ScheduleTime"),
             trigger=request.headers.get("X-Trigger"),
@@ -47,15 +43,28 @@ def answer_run(
     except BadRunRequest as error:
         raise ApiError(str(error), code="invalid") from None
 
+    settings = suite().config.settings
+    heartbeat = watchdog.heartbeat_url(settings, job)
+
     def work_then_resend(identity: RunIdentity) -> dict[str, Any]:
+        watchdog.ping(heartbeat, "/start")
         figures = work(identity)
-        budget = suite().config.settings.outbox_send_budget_s
+        budget = settings.outbox_send_budget_s
         figures.update(tasks.deliver_due(budget_s=budget).as_figures())
         return figures
 
-    settings = suite().config.settings
     runner = JobRunner(suite().db, lock_timeout_s=settings.job_lock_timeout_s)
     result = runner.run(identity, work_then_resend)
+    if result.outcome == "succeeded":
+        watchdog.ping(heartbeat)
+    elif result.outcome == "failed":
+        watchdog.ping(heartbeat, "/fail")
+    if identity.trigger != "watchdog":
+        # A run the watchdog started does not watch in turn. A database that
+        # is down is already this run's failure, reported below.
+        with suppress(DatabaseUnavailable):
+            watch = watchdog.watch_sibling(suite().db, settings, job, tasks)
+            result.figures.update(watch)
     if result.outcome != "failed":
         return jsonify(result.as_json()), 200
     retryable = isinstance(result.exception, _RETRYABLE)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, cast
@@ -22,8 +21,9 @@ from shared import embedded, schema
 from shared import logging as suite_logging
 from shared.auth import TokenAuthenticator
 from shared.config import Config
-from shared.db import Database, DatabaseUnavailable
+from shared.db import Database
 from shared.errors import ApiError, register_error_handlers
+from shared.health import health_report
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -125,25 +125,13 @@ def livez() -> Response:
     return jsonify({"status": "ok"})
 
 
-def database_health(db: Database) -> dict[str, Any]:
-    started = time.perf_counter()
-    try:
-        db.ping()
-    except DatabaseUnavailable as error:
-        log.error("health_database_unreachable", extra={"error": str(error)})
-        return {"ok": False, "latency_ms": None}
-    latency_ms = round((time.perf_counter() - started) * 1000, 2)
-    return {"ok": True, "latency_ms": latency_ms}
-
-
 @_probes.get("/health")
 def health() -> tuple[Response, int]:
     current = suite()
-    database = database_health(current.db)
-    body = {
-        "status": "ok" if database["ok"] else "down",
-        "service": current.name,
-        "version": current.config.settings.version,
-        "database": database,
-    }
-    return jsonify(body), 200 if database["ok"] else 503
+    body, status = health_report(current.db, current.config.settings, current.name)
+    if status != 200:
+        # An uptime check pages on the 503 itself; this line says why.
+        log.error(
+            "health_down", extra={"database": body["database"], "jobs": body["jobs"]}
+        )
+    return jsonify(body), status

@@ -344,9 +344,13 @@ def test_canonical_json_matches_javascript(
     assert ipn.canonical_json(payload, arrays_as_objects=True) == js_objects
     assert ipn.canonical_json(payload, arrays_as_objects=False) == js_arrays
 
+    # A body whose numbers JavaScript would round is trusted only on a
+    # signature over its exact bytes (see ipn.numbers_survive_javascript).
+    faithful = ipn.numbers_survive_javascript(payload)
     for form in (js_objects, js_arrays):
         signature = ipn.sign(SECRET, form.encode("utf-8"))
-        assert ipn.signature_matches(SECRET, body, payload, signature)
+        accepted = ipn.signature_matches(SECRET, body, payload, signature)
+        assert accepted == (faithful or form.encode("utf-8") == body)
 
         altered = _alter_one_character(form, position).encode("utf-8")
         if altered == body:
@@ -414,3 +418,33 @@ def test_numbers_beyond_python_limits_are_read_as_javascript_reads_them(
     payload = ipn.parse_object(raw.encode("utf-8"))
 
     assert ipn.canonical_json(payload, arrays_as_objects=True) == js_objects
+
+
+@pytest.mark.parametrize(
+    ("signed", "delivered"),
+    [
+        (
+            '{"amount":12,"payment_id":1}',
+            '{"payment_id":1,"amount":12.000000000000000001}',
+        ),
+        ('{"payment_id":9007199254740992}', '{"payment_id":9007199254740993}'),
+        ('{"amount":1e+21}', '{"amount":1000000000000000000001}'),
+    ],
+)
+def test_a_signature_is_not_reused_for_numbers_javascript_would_round(
+    signed: str, delivered: str
+) -> None:
+    payload = ipn.parse_object(delivered.encode())
+    assert ipn.canonical_json(payload, arrays_as_objects=False) == signed
+
+    signature = ipn.sign(SECRET, signed.encode())
+
+    assert not ipn.signature_matches(SECRET, delivered.encode(), payload, signature)
+
+
+def test_numbers_javascript_prints_back_unchanged_keep_the_sorted_form_valid() -> None:
+    delivered = b'{"payment_id":5077125051,"outcome_amount":0.0002734,"fee":15.0}'
+    payload = ipn.parse_object(delivered)
+    signed = ipn.canonical_json(payload, arrays_as_objects=False).encode()
+
+    assert ipn.signature_matches(SECRET, delivered, payload, ipn.sign(SECRET, signed))
