@@ -190,8 +190,8 @@ def differences(declared: DeclaredJob, actual: Any) -> list[Drift]:
             declared.attempt_deadline_s,
             _seconds(actual.attempt_deadline),
         )
-    status = actual.status
-    if status is not None and getattr(status, "code", 0):
+    status: Any = actual.status
+    if status is not None and status.code != 0:
         drifts.append(
             Drift(name, "last_attempt_failed", f"code {status.code}: {status.message}")
         )
