@@ -7,12 +7,12 @@ from typing import cast
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from gcaccumulator.crediting import Accumulator, Delivery, Result, ValuationUnavailable
+from gcaccumulator.crediting import Accumulator, Delivery, Result
 from gcaccumulator.prices import Prices, make_prices
 from shared.auth import authenticate_request
 from shared.config import load_config
 from shared.db import DatabaseUnavailable
-from shared.errors import ApiError, error_response, unavailable
+from shared.errors import ApiError, unavailable
 from shared.secrets import SecretError, SecretSource
 from shared.web import MAX_BODY_BYTES, create_service_app
 
@@ -107,14 +107,3 @@ def retry_later(error: Exception) -> Response:
     # Every answer to a delivery carries an outcome, this one included: the
     # sender should retry, and nothing was recorded or credited.
     return unavailable(error, outcome="retry_later")
-
-
-@bp.errorhandler(ValuationUnavailable)
-def unvalued(error: ValuationUnavailable) -> Response:
-    response = error_response(
-        "price_unavailable",
-        "no USD price for this currency right now; retry later",
-        503,
-        outcome="retry_later",
-    )
-    return response

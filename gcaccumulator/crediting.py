@@ -10,6 +10,7 @@ behind, and that answers 5xx so the sender retries.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -64,6 +65,7 @@ class Result:
     accumulation_id: int | None = None
     # Set once the delivery's ipn_events row is written.
     recorded: bool = False
+    event_id: int | None = None
 
     def response_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"outcome": self.outcome}
@@ -89,6 +91,10 @@ def refusal(outcome: str, status: int, message: str, **context: Any) -> Result:
 class Valuation:
     gross_usd: Decimal
     source: str  # 'price', 'invoice' or 'router'
+
+
+# Called inside a credit's transaction, after its delivery is recorded.
+WithinCredit = Callable[[Any, Result], None]
 
 
 class Accumulator:
@@ -123,6 +129,46 @@ class Accumulator:
         """Record a delivery refused before it was read (too large, unauthorised)."""
         return self._finish(delivery, result)
 
+    # --- a delivery recorded earlier, credited again (payoutctl) ------------
+
+    def read_accepted(self, delivery: Delivery) -> tuple[Payment, dict[str, Any]]:
+        """The payment in a delivery that passed authentication when it came:
+        an IPN whose signature matched, or a router call that was let in.
+
+        The signature header is not stored, so it is not checked again here.
+        Raises ``ipn.NotJsonObject`` or ``InvalidContent``.
+        """
+        payload = ipn.parse_object(delivery.raw_body)
+        if delivery.source == "router":
+            payment = read_router_payment(payload)
+            return payment, {
+                "payment_id": payment.payment_id,
+                "payment_status": FINISHED,
+            }
+        payment_id, status = read_status(payload)
+        if status != FINISHED:
+            raise InvalidContent(f"payment_status is {status}, not {FINISHED}")
+        context = {
+            "payment_id": payment_id,
+            "payment_status": status,
+            "signature_valid": True,
+        }
+        return read_ipn(payload, payment_id), context
+
+    def credit_accepted(
+        self,
+        delivery: Delivery,
+        payment: Payment,
+        context: dict[str, Any],
+        within: WithinCredit | None = None,
+    ) -> Result:
+        """Credit a payment from ``read_accepted`` exactly as on arrival."""
+        if payment.router_usd is not None:
+            valuation = Valuation(payment.router_usd, "router")
+        else:
+            valuation = self._value(payment)
+        return self._credit(delivery, payment, valuation, context, within)
+
     # --- steps ---------------------------------------------------------------
 
     def _judge_ipn(self, delivery: Delivery, signature: str | None) -> Result:
@@ -145,7 +191,7 @@ class Accumulator:
             payment_id, status = read_status(payload)
         except InvalidContent as error:
             return refusal("invalid", 400, str(error), signature_valid=True)
-        context = {
+        context: dict[str, Any] = {
             "payment_id": payment_id,
             "payment_status": status,
             "signature_valid": True,
@@ -155,9 +201,19 @@ class Accumulator:
 
         try:
             payment = read_ipn(payload, payment_id)
-        except InvalidContent as error:
+            valuation = self._value(payment)
+        except (InvalidContent, money.AmountError) as error:
             return refusal("invalid", 400, str(error), **context)
-        valuation = self._value(payment)
+        except ValuationUnavailable as error:
+            # A retry may find a price; the delivery is recorded meanwhile so
+            # an operator can replay it if the retries run out.
+            return Result(
+                "retry_later",
+                503,
+                error_code="price_unavailable",
+                error_message=f"no USD value for this payment right now ({error})",
+                **context,
+            )
         return self._credit(delivery, payment, valuation, context)
 
     def _value(self, payment: Payment) -> Valuation:
@@ -184,11 +240,12 @@ class Accumulator:
         payment: Payment,
         valuation: Valuation,
         context: dict[str, Any],
+        within: WithinCredit | None = None,
     ) -> Result:
         """Credit a threshold client's payment, with its delivery record."""
         result = Result("accumulated", **context)
         fee_usd = money.percent_of(valuation.gross_usd, self.fee_percent, money.USD)
-        row = {
+        row: dict[str, Any] = {
             "payment_id": payment.payment_id,
             "user_id": payment.user_id,
             "subscription_id": payment.subscription_id,
@@ -227,6 +284,8 @@ class Accumulator:
                         "usd_source": valuation.source,
                     }
             self._record(cur, delivery, result)
+            if within is not None:
+                within(cur, result)
         self._log(result, row)
         return result
 
@@ -238,14 +297,18 @@ class Accumulator:
             or credited["outcome_currency"] != payment.outcome_currency
             or credited["client_id"] != client_id
         ):
-            # Same id, other content: the first credit stands. Worth a look,
-            # not a page: NOWPayments re-sends with updated fields at times.
-            log.warning(
+            # Same id, other money or another client: the first credit stands,
+            # but one of the two deliveries is wrong about money. Page.
+            log.error(
                 "duplicate_payment_differs",
                 extra={
                     "payment_id": payment.payment_id,
+                    "credited_client_id": credited["client_id"],
+                    "delivered_client_id": client_id,
                     "credited_eth": credited["accumulated_eth"],
                     "delivered_eth": payment.outcome_amount,
+                    "credited_currency": credited["outcome_currency"],
+                    "delivered_currency": payment.outcome_currency,
                 },
             )
 
@@ -274,6 +337,7 @@ class Accumulator:
                 "body_size": delivery.body_size,
             },
         )
+        result.event_id = cur.fetchone()["id"]
         result.recorded = True
 
     def _log(self, result: Result, row: dict[str, Any] | None) -> None:

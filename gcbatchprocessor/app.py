@@ -32,12 +32,14 @@ def create_app(
         service_url=settings.service_url,
         payout_executor_url=settings.payout_executor_url,
         stale_after_s=settings.swap_stale_after,
+        claim_timeout_s=settings.job_lock_timeout_s,
     )
     app.extensions["outbox"] = Outbox(
         app.extensions["suite"].db,
         payouts.SERVICE,
         sender or make_sender(config),
         on_delivered=payouts.mark_accepted,
+        still_wanted=payouts.still_wanted,
     )
     app.register_blueprint(bp)
     return app

@@ -37,6 +37,8 @@ class PayoutSettings:
     service_url: str
     payout_executor_url: str
     stale_after_s: int
+    # The claim's own time limit: the run's bound (JOB_LOCK_TIMEOUT_S).
+    claim_timeout_s: int = 240
 
 
 def process(
@@ -44,6 +46,13 @@ def process(
 ) -> dict[str, Any]:
     """Claim one batch per client over threshold; send the new tasks."""
     with db.transaction() as cur:
+        # The claim grows with the backlog (100,000 clients take seconds).
+        # Under the service's per-request statement timeout, a backlog past
+        # that size would fail every run and never drain.
+        cur.execute(
+            QUERIES["claim_timeout"],
+            {"timeout": f"{settings.claim_timeout_s}s"},
+        )
         cur.execute(
             QUERIES["claim_payouts"],
             {
@@ -81,6 +90,15 @@ def mark_accepted(cur: Any, task: outbox.Task) -> None:
     """Outbox hook: the payout executor accepted the task."""
     if task.payload.get("kind") == "payout":
         cur.execute(QUERIES["mark_sent"], {"batch_id": task.payload["batch_id"]})
+
+
+def still_wanted(cur: Any, task: outbox.Task) -> bool:
+    """Outbox hook: a payout task is sent only while its batch waits for it."""
+    if task.payload.get("kind") != "payout":
+        return True
+    cur.execute(QUERIES["batch_status"], {"batch_id": task.payload["batch_id"]})
+    row = cur.fetchone()
+    return row is not None and row["status"] == "claimed"
 
 
 def report_stale(db: Database, stale_after_s: int) -> int:

@@ -1,5 +1,10 @@
 -- The batch processor's SQL. Each block is one named statement.
 
+-- name: claim_timeout
+-- For the claim's transaction only: it is bounded by the run, not by the
+-- service's statement timeout meant for single requests.
+SELECT set_config('statement_timeout', %(timeout)s, true);
+
 -- name: claim_payouts
 -- One statement finds every threshold client whose converted, unclaimed
 -- USDT reaches the client's own threshold, and claims exactly those rows
@@ -135,3 +140,6 @@ WHERE batch_id = %(batch_id)s;
 UPDATE payout_accumulation
 SET payout_batch_id = NULL, updated_at = now()
 WHERE payout_batch_id = %(batch_id)s AND NOT is_paid_out;
+
+-- name: batch_status
+SELECT status FROM payout_batches WHERE batch_id = %(batch_id)s;

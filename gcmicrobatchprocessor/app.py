@@ -38,6 +38,7 @@ def create_app(
         conversion.SERVICE,
         sender or make_sender(config),
         on_delivered=conversion.mark_accepted,
+        still_wanted=conversion.still_wanted,
     )
     app.register_blueprint(bp)
     return app

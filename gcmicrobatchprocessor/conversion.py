@@ -130,6 +130,18 @@ def mark_accepted(cur: Any, task: outbox.Task) -> None:
         )
 
 
+def still_wanted(cur: Any, task: outbox.Task) -> bool:
+    """Outbox hook: a swap task is sent only while its conversion waits for it."""
+    if task.payload.get("kind") != "swap":
+        return True
+    cur.execute(
+        QUERIES["conversion_status"],
+        {"batch_conversion_id": task.payload["batch_conversion_id"]},
+    )
+    row = cur.fetchone()
+    return row is not None and row["status"] == "claimed"
+
+
 def report_stale(db: Database, stale_after_s: int) -> int:
     """Log every conversion unfinished past ``SWAP_STALE_AFTER``; never release.
 

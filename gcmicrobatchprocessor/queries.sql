@@ -45,6 +45,11 @@ claimed AS (
         updated_at = now()
     FROM pending, conversion
     WHERE row.id = pending.id
+      -- True of every row in pending already. Said again so the planner
+      -- reaches the rows through the pending partial index: joined on id
+      -- alone, it hash-joins a sequential scan of the whole history.
+      AND row.conversion_status = 'pending'
+      AND row.outcome_currency = %(currency)s
     RETURNING row.id, row.accumulated_eth, row.accumulated_usd,
               conversion.batch_conversion_id
 ),
@@ -118,14 +123,19 @@ ranked AS (
     FROM floor_share
 ),
 gross AS (
+    -- Multiplied by 10^-6, never divided by 10^6: numeric division keeps
+    -- about 16 significant digits, so a share of 10^12 USDT or more would
+    -- lose decimals. Multiplication is exact.
     SELECT id, platform_fee_percent,
            (units + CASE WHEN place <= spare_units THEN 1 ELSE 0 END)
-               / 1000000 AS gross_usdt
+               * 0.000001 AS gross_usdt
     FROM ranked
 ),
 split AS (
+    -- x 0.01 rather than / 100 for the same reason: a quotient rounded to
+    -- 10 places first, then to 6, can round up what is below half a unit.
     SELECT id, gross_usdt,
-           round(gross_usdt * platform_fee_percent / 100, 6) AS fee_usdt
+           round(gross_usdt * platform_fee_percent * 0.01, 6) AS fee_usdt
     FROM gross
 )
 UPDATE payout_accumulation AS row
@@ -159,3 +169,7 @@ UPDATE payout_accumulation
 SET conversion_status = 'pending', batch_conversion_id = NULL, updated_at = now()
 WHERE batch_conversion_id = %(batch_conversion_id)s
   AND conversion_status = 'swapping';
+
+-- name: conversion_status
+SELECT status FROM batch_conversions
+WHERE batch_conversion_id = %(batch_conversion_id)s;

@@ -61,8 +61,10 @@ def read_callback(payload: dict[str, Any]) -> SwapOutcome:
                 money.USDT,
                 "actual_usdt_received",
             )
-            if amount < 0:
-                problems.append("actual_usdt_received must be zero or more")
+            if amount < 0 or (amount == 0 and status == "completed"):
+                # A completed swap that yielded nothing would convert the
+                # rows to zero USDT: the executor is wrong, not the money.
+                problems.append("actual_usdt_received must be greater than zero")
         except money.AmountError as error:
             problems.append(str(error))
     if status == "completed":

@@ -2,20 +2,32 @@
 
 The database is ``DATABASE_URL``'s, else the embedded development server.
 Exit status: 0 done (reconcile: clean); 1 refused because of what the
-database holds (reconcile: a breach); 2 bad usage, input or configuration;
-3 the database cannot be reached.
+database holds (reconcile: a breach; run: the service refused or failed the
+run); 2 bad usage, input or configuration; 3 the database or the service
+cannot be reached.
 """
 
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any, NoReturn
 
 import click
 import psycopg2
 
-from shared import clients, money, reconcile, schema
-from shared.config import ConfigError, Settings, load_config
+from shared import (
+    clients,
+    money,
+    reconcile,
+    release,
+    replay,
+    scheduler_sync,
+    schema,
+    status,
+    trigger,
+)
+from shared.config import Config, ConfigError, Settings, load_config
 from shared.db import Database, DatabaseUnavailable
 from shared.embedded import resolve_database_url
 
@@ -28,22 +40,34 @@ class DatabaseDown(click.ClickException):
     exit_code = 3
 
 
+class ServiceDown(click.ClickException):
+    exit_code = 3
+
+
 class Runtime:
     """What commands share, set up on first use so ``--help`` needs nothing."""
 
     def __init__(self) -> None:
-        self._settings: Settings | None = None
+        self._config: Config | None = None
         self._url: str | None = None
         self._database: Database | None = None
+
+    def config(self) -> Config:
+        if self._config is None:
+            try:
+                self._config = load_config("payoutctl")
+            except ConfigError as error:
+                raise ConfigurationProblem(str(error)) from None
+        return self._config
+
+    @property
+    def settings(self) -> Settings:
+        return self.config().settings
 
     def database_url(self) -> str:
         if self._url is None:
             try:
-                self._settings = load_config("payoutctl").settings
-            except ConfigError as error:
-                raise ConfigurationProblem(str(error)) from None
-            try:
-                self._url = resolve_database_url(self._settings.database_url)
+                self._url = resolve_database_url(self.settings.database_url)
             except RuntimeError as error:  # the embedded server is not installed
                 raise ConfigurationProblem(str(error)) from None
         return self._url
@@ -52,14 +76,13 @@ class Runtime:
         """The pool, on a schema this code knows."""
         if self._database is None:
             url = self.database_url()
-            assert self._settings is not None
             try:
                 schema.require_current(url)
             except schema.SchemaOutdated as error:
                 raise ConfigurationProblem(str(error)) from None
             # An operator's command reads the whole database: it may take
             # longer than a request does.
-            timeout_ms = self._settings.db_statement_timeout_ms or 120_000
+            timeout_ms = self.settings.db_statement_timeout_ms or 120_000
             self._database = Database(
                 url,
                 size=2,
@@ -81,6 +104,10 @@ class PayoutctlGroup(click.Group):
             return super().invoke(ctx)
         except clients.Refused as error:
             raise click.ClickException(str(error)) from None
+        except ConfigError as error:
+            raise ConfigurationProblem(str(error)) from None
+        except trigger.Unreachable as error:
+            raise ServiceDown(str(error)) from None
         except (DatabaseUnavailable, psycopg2.OperationalError) as error:
             reason = str(error).strip() or type(error).__name__
             raise DatabaseDown(f"database unavailable: {reason}") from None
@@ -231,10 +258,20 @@ def list_clients(runtime: Runtime, as_json: bool) -> None:
     "set-threshold", context_settings={"ignore_unknown_options": True}
 )
 @click.option("--client-id", metavar="ID", callback=channel_id, required=True)
-@click.argument("usd")
+@click.option(
+    "--threshold", "usd_option", metavar="USD", help="As `clients add` takes it."
+)
+@click.argument("usd", required=False)
 @click.pass_obj
-def set_threshold(runtime: Runtime, client_id: int, usd: str) -> None:
-    """Change a threshold client's payout threshold (USD)."""
+def set_threshold(
+    runtime: Runtime, client_id: int, usd_option: str | None, usd: str | None
+) -> None:
+    """Change a threshold client's payout threshold (USD), given as
+    ``USD`` or ``--threshold USD``."""
+    if (usd is None) == (usd_option is None):
+        raise click.UsageError("give the threshold once: USD or --threshold USD")
+    usd = usd if usd is not None else usd_option
+    assert usd is not None
     try:
         threshold = clients.parse_threshold(usd, "USD")
     except clients.InvalidInput as error:
@@ -276,3 +313,170 @@ def set_wallet(
         click.echo(f"client {client_id}: paid in {where}")
     else:
         click.echo(f"client {client_id}: already paid in {where}, unchanged")
+
+
+# --- status -----------------------------------------------------------------
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status_command(runtime: Runtime, as_json: bool) -> None:
+    """Pending totals, each job's last run, open batches, undelivered tasks."""
+    current = status.gather(runtime.database(), runtime.settings)
+
+    if as_json:
+        click.echo(json.dumps(status.as_json(current), indent=2))
+    else:
+        click.echo(status.as_text(current))
+
+
+# --- releasing a stuck batch ------------------------------------------------
+
+
+@main.group("batches")
+def batches_command() -> None:
+    """Operate on conversions and payout batches."""
+
+
+def batch_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return release.parse_batch_id(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a batch id (a UUID)") from None
+
+
+@batches_command.command("release")
+@click.argument("batch_id_text", metavar="BATCH_ID", callback=batch_id)
+@click.option("--reason", metavar="TEXT", help="Why; kept in failure_reason.")
+@click.option("--yes", is_flag=True, help="Release without asking.")
+@click.pass_obj
+def release_batch(
+    runtime: Runtime, batch_id_text: str, reason: str | None, yes: bool
+) -> None:
+    """Mark a stuck conversion or payout batch failed and return its rows.
+
+    Do it only once its executor has said the swap or payout did not and
+    will not happen.
+    """
+    db = runtime.database()
+    shown = release.find(db, batch_id_text)
+    for line in release.describe(shown, runtime.settings.swap_stale_after):
+        click.echo(line)
+
+    if not yes:
+        click.confirm(f"Release {shown.kind.name} {shown.batch_id}?", abort=True)
+
+    released = release.release(db, shown, reason)
+    for line in release.outcome_lines(released):
+        click.echo(line)
+
+
+# --- running a job by hand --------------------------------------------------
+
+
+@main.command("run")
+@click.argument("job", type=click.Choice(sorted(trigger.ENDPOINTS)))
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=300,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for the run's answer.",
+)
+@click.pass_obj
+def run_job(runtime: Runtime, job: str, timeout_s: float) -> None:
+    """Run a scheduled job now on its service (trigger manual)."""
+    config = runtime.config()
+    answer = trigger.run_job(config.settings, config.secrets, job, timeout_s)
+
+    if answer.body is not None:
+        click.echo(json.dumps(answer.body, indent=2, default=_json_default))
+    if not answer.ok:
+        raise click.ClickException(
+            f"{answer.url} answered {answer.status}: {answer.error()}"
+        )
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, Decimal):
+        return money.to_text(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# --- replaying recorded deliveries ------------------------------------------
+
+
+@main.group("deliveries")
+def deliveries_command() -> None:
+    """Recorded deliveries (ipn_events)."""
+
+
+@deliveries_command.command("replay")
+@click.option("--dry-run", is_flag=True, help="Show what would happen; write nothing.")
+@click.pass_context
+def replay_deliveries(ctx: click.Context, dry_run: bool) -> None:
+    """Credit recorded deliveries whose client has been added since.
+
+    Run it with the accumulator's PLATFORM_FEE_PERCENT and PRICE_SOURCE: the
+    payments are credited as the accumulator would credit them now.
+    """
+    runtime: Runtime = ctx.obj
+    db, settings = runtime.database(), runtime.settings
+    accumulator = replay.accumulator_for(db, runtime.config())
+    click.echo(
+        f"crediting at a {money.to_text(settings.platform_fee_percent)} % "
+        f"platform fee, {settings.prices.kind} prices"
+    )
+
+    replays = replay.replay_all(db, accumulator, dry_run)
+    for item in replays:
+        click.echo(item.line)
+    click.echo(replay.summary(replays, dry_run))
+    if replay.failed(replays):
+        ctx.exit(1)
+
+
+# --- Cloud Scheduler ----------------------------------------------------------
+
+
+@main.group("scheduler")
+def scheduler_command() -> None:
+    """Compare the Cloud Scheduler jobs with scripts/scheduler_jobs.toml."""
+
+
+def _declaration() -> scheduler_sync.Declaration:
+    try:
+        return scheduler_sync.load()
+    except scheduler_sync.DeclarationError as error:
+        raise ConfigurationProblem(str(error)) from None
+
+
+@scheduler_command.command("check")
+def scheduler_check() -> None:
+    """Report every drift; exit 1 when there is any."""
+    declaration = _declaration()
+    drifts = scheduler_sync.check(scheduler_sync.make_client(), declaration)
+    for drift in drifts:
+        click.echo(drift.line)
+    click.echo(f"scheduler: {len(drifts)} drift(s) over {len(declaration.jobs)} jobs")
+    if drifts:
+        raise SystemExit(1)
+
+
+@scheduler_command.command("ensure")
+def scheduler_ensure() -> None:
+    """Create, update and resume jobs until they match; then check again."""
+    declaration = _declaration()
+    client = scheduler_sync.make_client()
+    for action in scheduler_sync.ensure(client, declaration):
+        click.echo(action)
+    remaining = scheduler_sync.check(client, declaration)
+    for drift in remaining:
+        click.echo(drift.line)
+    unfixed = [d for d in remaining if d.kind not in scheduler_sync.UNFIXABLE]
+    click.echo(f"scheduler: {len(remaining)} drift(s) left, {len(unfixed)} unfixed")
+    if unfixed:
+        raise SystemExit(1)

@@ -45,6 +45,15 @@ _EVM_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 # Other chains' formats vary too much to check here (base58, bech32, TON's
 # base64url, a "prefix:" form); this only keeps out blanks and junk.
 _OTHER_ADDRESS = re.compile(r"[\x21-\x7e]{8,128}")
+# Networks whose address shape is fixed and easy to tell from an EVM one:
+# money sent to an address of another chain's shape is lost.
+_NETWORK_ADDRESS = {
+    "trx": re.compile(r"T[1-9A-HJ-NP-Za-km-z]{33}"),
+    "tron": re.compile(r"T[1-9A-HJ-NP-Za-km-z]{33}"),
+    "btc": re.compile(r"(bc1[02-9ac-hj-np-z]{11,71}|[13][1-9A-HJ-NP-Za-km-z]{25,34})"),
+    "sol": re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,44}"),
+}
+MIN_THRESHOLD_USD = Decimal("0.01")
 
 
 class InvalidInput(ValueError):
@@ -113,6 +122,12 @@ def parse_threshold(text: str, option: str = "--threshold") -> Decimal:
         raise InvalidInput(option, f"{text!r}: {error}") from None
     if amount <= 0:
         raise InvalidInput(option, "the threshold must be greater than zero")
+    if amount < MIN_THRESHOLD_USD:
+        # Below a cent every converted payment would be paid out on its own:
+        # a zero threshold in all but name, spending fees on dust.
+        raise InvalidInput(
+            option, f"the threshold must be at least {MIN_THRESHOLD_USD} USD"
+        )
     return amount
 
 
@@ -132,6 +147,11 @@ def parse_wallet(address: str, currency: str, network: str) -> Wallet:
     address = address.strip()
     if network in EVM_NETWORKS:
         address = _evm_address(address, network)
+    elif network in _NETWORK_ADDRESS:
+        if not _NETWORK_ADDRESS[network].fullmatch(address):
+            raise InvalidInput(
+                "--wallet", f"{address!r} is not an address on {network}"
+            )
     elif not _OTHER_ADDRESS.fullmatch(address):
         raise InvalidInput(
             "--wallet",

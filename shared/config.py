@@ -244,7 +244,15 @@ def _service_problems(settings: Settings, service: Service) -> list[str]:
             if not settings.allowed_invokers:
                 problems.append("ALLOWED_INVOKERS: required when AUTH_MODE=oidc")
         if settings.tasks_backend == "cloudtasks":
-            for name in ("gcp_project", "tasks_queue", "tasks_location"):
+            # Without the service account a task carries no OIDC token: Cloud
+            # Tasks takes it, and every receiver refuses it with 401.
+            names = (
+                "gcp_project",
+                "tasks_queue",
+                "tasks_location",
+                "tasks_service_account",
+            )
+            for name in names:
                 if getattr(settings, name) is None:
                     problems.append(
                         f"{name.upper()}: required by TASKS_BACKEND=cloudtasks"

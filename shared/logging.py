@@ -84,7 +84,9 @@ def configure(service: str, level: str = "INFO") -> None:
     handler.addFilter(_ContextFilter(service))
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if getattr(old, "payout_suite", False):
+            root.removeHandler(old)
+    handler.payout_suite = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
     # Request lines come from Cloud Run's own request log; werkzeug's would

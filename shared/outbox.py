@@ -96,9 +96,14 @@ def backoff_seconds(attempts: int) -> int:
 class DeliveryReport:
     sent: int = 0
     failed: int = 0
+    withdrawn: int = 0
 
     def as_figures(self) -> dict[str, int]:
-        return {"tasks_sent": self.sent, "tasks_failed": self.failed}
+        return {
+            "tasks_sent": self.sent,
+            "tasks_failed": self.failed,
+            "tasks_withdrawn": self.withdrawn,
+        }
 
 
 class Outbox:
@@ -111,11 +116,13 @@ class Outbox:
         sender: Sender,
         on_delivered: Callable[[Any, Task], None] | None = None,
         concurrency: int = 8,
+        still_wanted: Callable[[Any, Task], bool] | None = None,
     ) -> None:
         self.db = db
         self.service = service
         self.sender = sender
         self.on_delivered = on_delivered
+        self.still_wanted = still_wanted
         self.concurrency = concurrency
 
     def deliver_due(
@@ -136,11 +143,8 @@ class Outbox:
             if not tasks:
                 return report
             with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                for delivered in pool.map(self._deliver, tasks):
-                    if delivered:
-                        report.sent += 1
-                    else:
-                        report.failed += 1
+                for result in pool.map(self._deliver, tasks):
+                    setattr(report, result, getattr(report, result) + 1)
             if ids is not None or len(tasks) < limit:
                 return report
         return report
@@ -170,10 +174,15 @@ class Outbox:
             for row in rows
         ]
 
-    def _deliver(self, task: Task) -> bool:
+    def _deliver(self, task: Task) -> str:
+        """Send one task; say whether it was sent, failed or withdrawn."""
+        if self.still_wanted is not None and not self._check_wanted(task):
+            return "withdrawn"
         try:
             self.sender.send(task)
-        except DeliveryFailed as error:
+        except Exception as error:  # any sender failure: the task waits
+            if not isinstance(error, DeliveryFailed):
+                error = DeliveryFailed(f"{type(error).__name__}: {error}")
             delay = backoff_seconds(task.attempts)
             with self.db.transaction() as cur:
                 cur.execute(
@@ -198,12 +207,28 @@ class Outbox:
                     "error": str(error)[:200],
                 },
             )
-            return False
+            return "failed"
         with self.db.transaction() as cur:
             cur.execute(QUERIES["record_sent"], {"id": task.id})
             if self.on_delivered is not None:
                 self.on_delivered(cur, task)
-        return True
+        return "sent"
+
+    def _check_wanted(self, task: Task) -> bool:
+        """Withdraw a task whose batch finished meanwhile, instead of sending it.
+
+        A failed batch's rows may already sit in a new batch: a late resend
+        of the old task would ask the executor to move that money again.
+        """
+        assert self.still_wanted is not None
+        with self.db.transaction() as cur:
+            if self.still_wanted(cur, task):
+                return True
+            cur.execute(QUERIES["withdraw"], {"id": task.id})
+        log.warning(
+            "task_withdrawn", extra={"task_id": task.id, "dedup_key": task.dedup_key}
+        )
+        return False
 
 
 # --- senders -----------------------------------------------------------------

@@ -39,3 +39,10 @@ WHERE id = %(id)s AND sent_at IS NULL;
 SELECT count(*) AS tasks, min(created_at) AS oldest, max(attempts) AS most_attempts
 FROM outbox
 WHERE service = %(service)s AND sent_at IS NULL;
+
+-- name: withdraw
+-- A task no longer wanted (its batch finished before it was delivered) is
+-- closed without being sent; last_error says so.
+UPDATE outbox
+SET sent_at = now(), last_error = 'withdrawn: its batch finished before delivery'
+WHERE id = %(id)s AND sent_at IS NULL;

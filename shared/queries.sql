@@ -235,3 +235,171 @@ LEFT JOIN ipn_events e
 WHERE e.id IS NULL
    OR e.payment_id IS DISTINCT FROM r.nowpayments_payment_id
 ORDER BY r.id;
+
+-- --- status (payoutctl status) ----------------------------------------------
+-- Each block reads in the reconcile snapshot, so the figures are of one
+-- moment. Ages are whole seconds at the snapshot's now().
+
+-- name: status_now
+SELECT now() AS now;
+
+-- name: status_pending_conversion
+-- What waits for the micro-batch threshold, per outcome currency (the
+-- partial index of pending rows holds exactly these).
+SELECT outcome_currency,
+       count(*) AS row_count,
+       sum(accumulated_usd) AS accumulated_usd,
+       sum(accumulated_eth) AS accumulated_eth
+FROM payout_accumulation
+WHERE conversion_status = 'pending'
+GROUP BY outcome_currency
+ORDER BY outcome_currency;
+
+-- name: status_converted_unpaid
+-- Converted rows no payout batch has claimed yet, summed per client and
+-- compared with each threshold client's own threshold, as /process does.
+WITH per_client AS (
+    SELECT client_id, count(*) AS row_count, sum(accumulated_usdt) AS usdt
+    FROM payout_accumulation
+    WHERE conversion_status = 'converted' AND payout_batch_id IS NULL
+    GROUP BY client_id
+), judged AS (
+    SELECT p.row_count, p.usdt,
+           c.payout_strategy = 'threshold'
+               AND p.usdt >= c.payout_threshold_usd
+               AND p.usdt > 0 AS over_threshold,
+           c.wallet_address IS NULL AS without_wallet
+    FROM per_client p
+    JOIN clients c USING (client_id)
+)
+SELECT count(*) AS clients,
+       coalesce(sum(row_count), 0)::bigint AS row_count,
+       coalesce(sum(usdt), 0) AS usdt,
+       count(*) FILTER (WHERE over_threshold) AS over_threshold,
+       count(*) FILTER (WHERE over_threshold AND without_wallet)
+           AS over_threshold_without_wallet
+FROM judged;
+
+-- name: status_last_runs
+-- Each job's newest run, whatever its outcome (by id: the order runs
+-- started in). Its state and heartbeat come from shared.health.
+SELECT job.name AS job, last_run.outcome, last_run.trigger,
+       last_run.started_at, last_run.finished_at
+FROM unnest(%(jobs)s::text[]) AS job(name)
+JOIN LATERAL (
+    SELECT outcome, trigger, started_at, finished_at
+    FROM job_runs
+    WHERE job_runs.job = job.name
+    ORDER BY id DESC
+    LIMIT 1
+) AS last_run ON true;
+
+-- name: status_open_batches
+-- Conversions and payout batches not finished, oldest first; stale is the
+-- services' own rule (stale_conversions, stale_batches).
+SELECT 'conversion' AS kind,
+       batch_conversion_id::text AS batch_id,
+       status, created_at,
+       greatest(0, floor(extract(epoch FROM now() - created_at)))::bigint
+           AS age_s,
+       created_at < now() - make_interval(secs => %(stale_after_s)s) AS stale,
+       row_count, outcome_currency, total_eth, total_usd,
+       NULL::numeric AS total_usdt, NULL::bigint AS client_id
+FROM batch_conversions
+WHERE status IN ('claimed', 'swapping')
+UNION ALL
+SELECT 'payout', batch_id::text, status, created_at,
+       greatest(0, floor(extract(epoch FROM now() - created_at)))::bigint,
+       created_at < now() - make_interval(secs => %(stale_after_s)s),
+       row_count, NULL, NULL, NULL, total_usdt, client_id
+FROM payout_batches
+WHERE status IN ('claimed', 'sent')
+ORDER BY created_at, batch_id;
+
+-- name: status_undelivered_tasks
+SELECT service,
+       count(*) AS tasks,
+       min(created_at) AS oldest_at,
+       greatest(0, floor(extract(epoch FROM now() - min(created_at))))::bigint
+           AS oldest_age_s,
+       max(attempts) AS most_attempts,
+       (array_agg(last_error ORDER BY attempts DESC, id)
+            FILTER (WHERE last_error IS NOT NULL))[1] AS last_error
+FROM outbox
+WHERE sent_at IS NULL
+GROUP BY service
+ORDER BY service;
+
+-- --- releasing a stuck batch (payoutctl batches release) --------------------
+-- The status change and the rows' release are the services' own statements
+-- (fail_conversion and release_rows, fail_batch and release_batch_rows);
+-- these only show what a release would take, and withdraw its task.
+
+-- name: conversion_to_release
+-- held_*: the rows release_rows would return to 'pending'.
+SELECT c.batch_conversion_id::text AS batch_id, c.status, c.created_at,
+       greatest(0, floor(extract(epoch FROM now() - c.created_at)))::bigint
+           AS age_s,
+       c.outcome_currency, c.row_count, c.total_eth, c.total_usd, c.swap_id,
+       c.failure_reason, held.row_count AS held_rows,
+       held.eth AS held_eth, held.usd AS held_usd
+FROM batch_conversions c
+CROSS JOIN LATERAL (
+    SELECT count(*) AS row_count,
+           coalesce(sum(accumulated_eth), 0) AS eth,
+           coalesce(sum(accumulated_usd), 0) AS usd
+    FROM payout_accumulation
+    WHERE batch_conversion_id = c.batch_conversion_id
+      AND conversion_status = 'swapping'
+) AS held
+WHERE c.batch_conversion_id = %(batch_id)s;
+
+-- name: payout_to_release
+-- held_*: the rows release_batch_rows would return to awaiting payout.
+SELECT b.batch_id::text AS batch_id, b.status, b.created_at,
+       greatest(0, floor(extract(epoch FROM now() - b.created_at)))::bigint
+           AS age_s,
+       b.client_id, b.wallet_address, b.payout_currency, b.payout_network,
+       b.row_count, b.total_usdt, b.failure_reason,
+       held.row_count AS held_rows, held.usdt AS held_usdt
+FROM payout_batches b
+CROSS JOIN LATERAL (
+    SELECT count(*) AS row_count, coalesce(sum(accumulated_usdt), 0) AS usdt
+    FROM payout_accumulation
+    WHERE payout_batch_id = b.batch_id AND NOT is_paid_out
+) AS held
+WHERE b.batch_id = %(batch_id)s;
+
+-- name: batch_task
+-- A batch's task to its executor: its dedup key is the batch id.
+SELECT id, attempts, sent_at, last_error
+FROM outbox
+WHERE service = %(service)s AND dedup_key = %(batch_id)s;
+
+-- name: withdraw_task
+-- A released batch's task must never reach the executor afterwards: the
+-- executor would swap or pay rows that a later batch may hold by then. A
+-- send already under way cannot be stopped; its callback then meets the
+-- failed batch and is refused with 409 and an ERROR line.
+DELETE FROM outbox
+WHERE service = %(service)s AND dedup_key = %(batch_id)s AND sent_at IS NULL
+RETURNING id, attempts;
+
+-- --- replaying deliveries (payoutctl deliveries replay) ---------------------
+
+-- name: deliveries_to_replay
+-- Deliveries that were authenticated (an IPN whose signature matched, or a
+-- router call let in) but named a channel no client owned, or could not be
+-- valued (answered 503), not yet answered by a replay. Partial indexes on
+-- both outcomes find them.
+SELECT id, source, payment_id, raw_body, body_size, received_at
+FROM ipn_events
+WHERE outcome IN ('unknown_client', 'retry_later')
+  AND replayed_at IS NULL
+  AND (source = 'router' OR signature_valid)
+ORDER BY received_at, id;
+
+-- name: mark_replayed
+UPDATE ipn_events
+SET replayed_at = now()
+WHERE id = %(id)s AND replayed_at IS NULL;

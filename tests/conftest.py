@@ -126,6 +126,9 @@ def _empty_tables(request: pytest.FixtureRequest) -> Iterator[None]:
                 sql.SQL(", ").join(sql.Identifier(table) for table in tables)
             )
         )
+        # Tests age the suite's creation to replay time passing; the next
+        # test starts from a database created now.
+        cur.execute("UPDATE suite_info SET created_at = now()")
 
 
 def base_environ(database_url: str, **overrides: str) -> dict[str, str]:

@@ -244,6 +244,22 @@ def test_set_threshold_changes_it_and_bumps_updated_at(
     assert row["updated_at"] > old
 
 
+def test_set_threshold_also_takes_the_threshold_option_as_add_does(
+    run: Run, db: Database, fixture_clients: list[dict[str, Any]]
+) -> None:
+    result = run(
+        "clients", "set-threshold", f"--client-id={CLIENT}", "--threshold", "4"
+    )
+    both = run(
+        "clients", "set-threshold", f"--client-id={CLIENT}", "--threshold", "4", "5"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert one_client(db, CLIENT)["payout_threshold_usd"] == Decimal("4")
+    assert both.exit_code == 2
+    assert one_client(db, CLIENT)["payout_threshold_usd"] == Decimal("4")
+
+
 def test_set_threshold_to_the_same_value_changes_nothing(
     run: Run, db: Database, fixture_clients: list[dict[str, Any]]
 ) -> None:
@@ -390,7 +406,19 @@ REFUSALS = [
         2,
         "too large",
     ),
-    refusal("threshold NaN", add_threshold("--threshold", "NaN"), 2, "finite"),
+    refusal("threshold NaN", add_threshold("--threshold", "NaN"), 2, "decimal number"),
+    refusal(
+        "threshold under a cent",
+        add_threshold("--threshold", "0.0000000001"),
+        2,
+        "at least 0.01 USD",
+    ),
+    refusal(
+        "an EVM address on tron",
+        add_with_wallet(WALLET, "usdt", "trx"),
+        2,
+        "is not an address on trx",
+    ),
     refusal(
         "instant with a threshold",
         add("--client-id", NEW, "--strategy", "instant", "--threshold", "5"),

@@ -205,3 +205,39 @@ def test_a_failed_last_attempt_is_reported_and_left_for_the_next_attempt(
     assert kinds(drifts) == {("payouts-process", "last_attempt_failed")}
     assert "UNAVAILABLE" in drifts[0].line
     assert scheduler_sync.ensure(matching, declaration) == []
+
+
+def test_payoutctl_scheduler_check_and_ensure_report_and_repair(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from click.testing import CliRunner
+
+    from shared.cli import main
+
+    client = FakeScheduler()
+    monkeypatch.setattr(scheduler_sync, "make_client", lambda: client)
+    runner = CliRunner()
+
+    before = runner.invoke(main, ["scheduler", "check"], env=ENV)
+    ensured = runner.invoke(main, ["scheduler", "ensure"], env=ENV)
+    after = runner.invoke(main, ["scheduler", "check"], env=ENV)
+
+    assert before.exit_code == 1
+    assert "payouts-check-threshold: missing" in before.output
+    assert ensured.exit_code == 0, ensured.output
+    assert "payouts-process: created" in ensured.output
+    assert (after.exit_code, after.output.strip()) == (
+        0,
+        "scheduler: 0 drift(s) over 2 jobs",
+    )
+
+
+def test_payoutctl_scheduler_names_what_the_declaration_lacks() -> None:
+    from click.testing import CliRunner
+
+    from shared.cli import main
+
+    result = CliRunner().invoke(main, ["scheduler", "check"], env={"GCP_PROJECT": "p"})
+
+    assert result.exit_code == 2
+    assert "SCHEDULER_LOCATION" in result.output
