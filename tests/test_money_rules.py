@@ -227,4 +227,27 @@ def test_no_price_and_no_usd_invoice_is_503_and_credits_nothing(
     error = response.json()["error"]
     assert error["code"] == "price_unavailable"
     assert error["message"]
+    assert response.json()["outcome"] == "retry_later"
     assert credit_count(db) == 0
+    # Recorded all the same: if the sender's retries run out, an operator
+    # replays it (payoutctl deliveries replay).
+    with db.transaction() as cur:
+        cur.execute("SELECT outcome, http_status, payment_id FROM ipn_events")
+        assert [dict(row) for row in cur.fetchall()] == [
+            {"outcome": "retry_later", "http_status": 503, "payment_id": "40"}
+        ]
+
+
+def test_a_usd_value_beyond_its_column_is_invalid_and_recorded(
+    make_accumulator: Any, serve: Any, db: Database, fixture_clients: Any
+) -> None:
+    base = serve(make_accumulator(PRICE_SOURCE="static:3400"))
+
+    # Valid as crypto, but 3400 USD each makes more than NUMERIC(24,10) holds.
+    response = deliver(base, ipn_body(41, "29411764705.882352941176470588", "1", "usd"))
+
+    assert (response.status_code, response.json()["outcome"]) == (400, "invalid")
+    assert credit_count(db) == 0
+    with db.transaction() as cur:
+        cur.execute("SELECT outcome, http_status FROM ipn_events")
+        assert [tuple(row.values()) for row in cur.fetchall()] == [("invalid", 400)]

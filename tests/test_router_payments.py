@@ -261,3 +261,36 @@ def test_repeated_router_payment_is_a_duplicate_credited_once(
         "accumulated",
         "duplicate",
     ]
+
+
+@pytest.mark.parametrize("spelling", ["06100000001", "0006100000001", 6100000001])
+def test_a_payment_id_spelled_with_leading_zeros_is_the_same_payment(
+    base: str, db: Database, spelling: Any
+) -> None:
+    first = post_payment(base, PAYMENT)
+    again = post_payment(base, {**PAYMENT, "nowpayments_payment_id": spelling})
+
+    assert (first.json()["outcome"], again.json()["outcome"]) == (
+        "accumulated",
+        "duplicate",
+    )
+    assert [credit["nowpayments_payment_id"] for credit in credits(db)] == [
+        "6100000001"
+    ]
+
+
+def test_a_duplicate_with_other_money_is_logged_at_error(
+    base: str, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    post_payment(base, PAYMENT)
+
+    again = post_payment(base, {**PAYMENT, "outcome_amount": "5"})
+
+    assert again.json()["outcome"] == "duplicate"
+    [line] = [
+        r for r in caplog.records if r.getMessage() == "duplicate_payment_differs"
+    ]
+    assert line.levelname == "ERROR"
+    assert [credit["accumulated_eth"] for credit in credits(db)] == [
+        Decimal("0.003703703703703704")
+    ]
