@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo test lint fmt migrate bench-ingest clean
+.PHONY: help install run demo test lint fmt migrate bench-ingest bench-conversion bench-payouts clean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ migrate: $(STAMP) ## apply database migrations (payoutctl migrate)
 
 bench-ingest: $(STAMP) ## benchmark IPN ingestion against gunicorn, with pgbench's ceiling
 	$(BIN)/python -m scripts.bench.ingest
+
+bench-payouts: $(STAMP) ## benchmark one /process run over 100,000 clients, then task delivery
+	$(BIN)/python -m scripts.bench.payouts
+
+bench-conversion: $(STAMP) ## time the micro-batch check, claim and USDT sharing over a large history
+	$(BIN)/python -m scripts.bench.conversion
 
 clean: ## remove the virtual environment and local database
 	rm -rf $(VENV) .data

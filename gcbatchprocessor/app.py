@@ -56,7 +56,7 @@ def process() -> tuple[Response, int]:
     settings = current_app.extensions["payout_settings"]
 
     def work(identity: RunIdentity) -> dict[str, Any]:
-        return payouts.process(current.db, settings, _outbox())
+        return payouts.process(current.db, settings)
 
     return answer_run("process", work, _outbox())
 

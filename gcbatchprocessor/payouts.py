@@ -41,10 +41,14 @@ class PayoutSettings:
     claim_timeout_s: int = 240
 
 
-def process(
-    db: Database, settings: PayoutSettings, tasks: outbox.Outbox
-) -> dict[str, Any]:
-    """Claim one batch per client over threshold; send the new tasks."""
+def process(db: Database, settings: PayoutSettings) -> dict[str, Any]:
+    """Claim one batch per client over threshold, each with its payout task.
+
+    The run that calls this sends the new tasks right after (shared.scheduled).
+    Two runs overlapping past the job lock's bound could each take part of
+    one client's rows; no row is ever in two batches, but that client could
+    then get two smaller payouts.
+    """
     with db.transaction() as cur:
         # The claim grows with the backlog (100,000 clients take seconds).
         # Under the service's per-request statement timeout, a backlog past
@@ -217,6 +221,17 @@ def apply_callback(db: Database, outcome: PayoutOutcome) -> dict[str, Any]:
             )
         if batch["status"] in FINAL:
             return _repeat(batch, outcome)
+        if outcome.currency not in (None, batch["payout_currency"]):
+            # Recorded as the executor says; the client asked for another
+            # currency, which someone should look at, not a page.
+            log.warning(
+                "payout_currency_differs",
+                extra={
+                    "batch_id": outcome.batch_id,
+                    "payout_currency": batch["payout_currency"],
+                    "sent_currency": outcome.currency,
+                },
+            )
         if outcome.status == "completed":
             body = _complete(cur, batch, outcome)
         else:
