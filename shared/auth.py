@@ -1,8 +1,9 @@
 """Who may call the internal endpoints (scheduler, tasks, callbacks, router).
 
 ``require_internal_auth`` asks the app's authenticator; the token mode
-compares a bearer token with ``INTERNAL_AUTH_TOKEN`` in constant time. The
-OIDC mode plugs in here with the same interface.
+compares a bearer token with ``INTERNAL_AUTH_TOKEN`` in constant time; the
+oidc mode (``shared.oidc``) verifies a Google ID token behind the same
+interface.
 """
 
 from __future__ import annotations

@@ -234,12 +234,9 @@ def _service_problems(settings: Settings, service: Service) -> list[str]:
     ]
     if service != "payoutctl":
         if settings.auth_mode == "oidc":
-            # The token verifier is not built yet; starting would leave every
-            # internal endpoint either open or shut, so refuse instead.
-            problems.append(
-                "AUTH_MODE: oidc is not supported by this version; use token"
-            )
-            if settings.service_url is None:
+            # Without these every internal call would be refused: the tokens'
+            # audience is the service URL, and no caller would be allowed.
+            if settings.service_url is None and "service_url" not in _REQUIRED[service]:
                 problems.append("SERVICE_URL: required as the OIDC audience")
             if not settings.allowed_invokers:
                 problems.append("ALLOWED_INVOKERS: required when AUTH_MODE=oidc")

@@ -12,18 +12,19 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
 from shared import embedded, schema
 from shared import logging as suite_logging
-from shared.auth import TokenAuthenticator
+from shared.auth import Authenticator, TokenAuthenticator
 from shared.config import Config
 from shared.db import Database
 from shared.errors import ApiError, register_error_handlers
 from shared.health import health_report
+from shared.oidc import OidcAuthenticator
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -62,11 +63,12 @@ def create_service_app(
         application_name=name,
     )
 
-    app = Flask(name)
+    # No service serves files: without this Flask adds /static/<path:filename>.
+    app = Flask(name, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["suite"] = Suite(name=name, config=config, db=db)
-    app.extensions["authenticator"] = TokenAuthenticator(config.secrets)
+    app.extensions["authenticator"] = make_authenticator(config)
     app.before_request(_start_request)
     app.after_request(_finish_request)
     register_error_handlers(app)
@@ -76,6 +78,16 @@ def create_service_app(
         extra={"version": settings.version, "environment": settings.environment},
     )
     return app
+
+
+def make_authenticator(config: Config) -> Authenticator:
+    """The authenticator ``AUTH_MODE`` asks for."""
+    settings = config.settings
+    if settings.auth_mode == "oidc":
+        # load_config refuses oidc without SERVICE_URL, the tokens' audience.
+        assert settings.service_url is not None
+        return OidcAuthenticator(settings.service_url, settings.allowed_invokers)
+    return TokenAuthenticator(config.secrets)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -92,6 +104,9 @@ def json_object_body() -> dict[str, Any]:
         )
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError("the body is not valid JSON", code="invalid") from None
+    except InvalidOperation:
+        # JSON puts no bound on an exponent; Decimal does (1e9999999999999999999).
+        raise ApiError("a number in the body is out of range", code="invalid") from None
     if not isinstance(payload, dict):
         raise ApiError("the body must be a JSON object", code="invalid")
     return payload

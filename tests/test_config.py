@@ -299,23 +299,51 @@ def test_production_refuses_every_local_shortcut_naming_them_together() -> None:
     }
 
 
-def test_oidc_auth_is_refused_at_start_with_a_clear_message() -> None:
-    # Issue 6 builds the verifier; until then starting would leave internal
-    # endpoints open or shut, so the loader refuses.
-    environ = {
-        **ACCUMULATOR,
-        "AUTH_MODE": "oidc",
-        "SERVICE_URL": "https://accumulator.example.run.app",
-        "ALLOWED_INVOKERS": "scheduler@project.iam.gserviceaccount.com",
-    }
+OIDC = {
+    "AUTH_MODE": "oidc",
+    "SERVICE_URL": "https://gcaccumulator-4kq2x7-ew.a.run.app",
+    "ALLOWED_INVOKERS": "router@project.iam.gserviceaccount.com",
+}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_oidc_auth_starts_with_a_service_url_and_allowed_invokers(
+    service: Any,
+) -> None:
+    environ = {k: v for k, v in SERVICES[service].items() if k != "INTERNAL_AUTH_TOKEN"}
+
+    config = load_config(service, {**environ, **OIDC})
+
+    assert config.settings.auth_mode == "oidc"
+    assert config.settings.service_url == OIDC["SERVICE_URL"]
+    assert config.settings.allowed_invokers == (OIDC["ALLOWED_INVOKERS"],)
+
+
+def test_oidc_auth_without_service_url_and_invokers_names_both() -> None:
+    environ = {**ACCUMULATOR, "AUTH_MODE": "oidc"}
 
     with pytest.raises(ConfigError) as refused:
         load_config("accumulator", environ)
 
-    [problem] = refused.value.problems
-    assert problem.startswith("AUTH_MODE:")
-    assert "oidc" in problem
-    assert "not supported" in problem
+    problems = refused.value.problems
+    assert {problem.split(":", 1)[0] for problem in problems} == {
+        "SERVICE_URL",
+        "ALLOWED_INVOKERS",
+    }
+    assert any("audience" in problem for problem in problems)
+
+
+@pytest.mark.parametrize("service", ["microbatch", "batch"])
+def test_oidc_auth_names_a_missing_service_url_once_beside_the_invokers(
+    service: Any,
+) -> None:
+    environ = {k: v for k, v in SERVICES[service].items() if k != "SERVICE_URL"}
+
+    with pytest.raises(ConfigError) as refused:
+        load_config(service, {**environ, "AUTH_MODE": "oidc"})
+
+    names = [problem.split(":", 1)[0] for problem in refused.value.problems]
+    assert sorted(names) == ["ALLOWED_INVOKERS", "SERVICE_URL"]
 
 
 def test_secret_manager_backend_needs_a_project() -> None:
