@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 
@@ -134,6 +135,12 @@ class Database:
                 with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
                     yield cur
                 conn.commit()
+            except psycopg2.errors.QueryCanceled as error:
+                # The connection is fine; the statement ran out of time.
+                _rollback_quietly(conn)
+                raise DatabaseUnavailable(
+                    f"a statement ran past its time limit: {str(error).strip()}"
+                ) from error
             except _BROKEN as error:
                 _rollback_quietly(conn)
                 conn.close()

@@ -58,15 +58,23 @@ class RunIdentity:
 
 def parse_schedule_time(text: str) -> datetime:
     """Cloud Scheduler's ``X-CloudScheduler-ScheduleTime`` (RFC 3339)."""
+    # RFC 3339 also allows a lower-case "z", which fromisoformat does not read.
+    text = text.strip().upper().replace("Z", "+00:00")
     try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(text)
     except ValueError:
         raise BadRunRequest(
             "X-CloudScheduler-ScheduleTime is not an RFC 3339 time"
         ) from None
     if moment.tzinfo is None:
         raise BadRunRequest("X-CloudScheduler-ScheduleTime has no time zone")
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T00:00:00+01:00 is a valid time whose UTC is in year 0.
+        raise BadRunRequest(
+            "X-CloudScheduler-ScheduleTime is outside the years 1 to 9999 in UTC"
+        ) from None
 
 
 def current_slot(now: datetime, interval_s: int) -> datetime:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal, localcontext
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
 
 
 class AmountError(ValueError):
@@ -71,7 +71,11 @@ def parse_amount(value: object, field: str = "amount") -> Decimal:
         text = value.strip()
         if len(text) > 100 or not _DECIMAL_TEXT.fullmatch(text):
             raise AmountError(f"{field} must be a decimal number")
-        amount = Decimal(text)
+        try:
+            amount = Decimal(text)
+        except InvalidOperation:
+            # The pattern lets through only an exponent too large for Decimal.
+            raise AmountError(f"{field} is out of range") from None
     else:
         raise AmountError(f"{field} must be a decimal number")
     if not amount.is_finite():
@@ -83,7 +87,14 @@ def exact(amount: Decimal, column: Column, field: str = "amount") -> Decimal:
     """Return ``amount`` unchanged if the column holds it exactly, else raise."""
     if amount.is_nan() or amount.is_infinite():
         raise AmountError(f"{field} must be a finite number")
-    if abs(amount) >= column.limit:
+    if amount.is_zero():
+        # A zero may carry any exponent (0E+999999999999), far more than a
+        # NUMERIC column accepts; every zero is the same amount.
+        return Decimal(0)
+    # copy_abs, not abs(): abs() rounds to the context, which raises
+    # decimal.Overflow for an exponent like 1E+999999999999 instead of
+    # letting us refuse the amount.
+    if amount.copy_abs() >= column.limit:
         raise AmountError(f"{field} is too large (limit {column.limit:f})")
     exponent = amount.as_tuple().exponent
     assert isinstance(exponent, int)
@@ -103,7 +114,7 @@ def quantize(amount: Decimal, column: Column, field: str = "amount") -> Decimal:
     """Round half-up to the column's unit, and check that it fits."""
     # Checked before rounding as well: a value far past the column (1e100)
     # has more digits at the column's scale than even the working precision.
-    if abs(amount) >= column.limit:
+    if amount.copy_abs() >= column.limit:
         raise AmountError(f"{field} is too large (limit {column.limit:f})")
     with localcontext() as ctx:
         ctx.prec = _WORK_PRECISION

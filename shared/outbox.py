@@ -138,6 +138,10 @@ class Outbox:
         """
         report = DeliveryReport()
         deadline = None if budget_s is None else time.monotonic() + budget_s
+        if deadline is not None:
+            # The budget is looked at between leases: keep them small enough
+            # that a slow receiver cannot carry a run far past it.
+            limit = min(limit, self.concurrency * 4)
         while deadline is None or time.monotonic() < deadline:
             tasks = self._lease(limit, ids)
             if not tasks:
