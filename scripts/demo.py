@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -31,10 +30,10 @@ import psycopg2.extras
 import requests
 
 from gcaccumulator.ipn import canonical_json, sign
-from shared import embedded, money, schema
+from scripts import local_system
+from shared import embedded, money
 from shared.db import load_queries
 
-ROOT = Path(__file__).resolve().parent.parent
 QUERIES = load_queries(Path(__file__).with_name("demo.sql"))
 PORT_BASE = int(os.environ.get("DEMO_PORT_BASE", "18180"))
 DEMO_DATA = embedded.DATA_DIR / "demo"
@@ -105,6 +104,15 @@ def encode(value: Any) -> bytes:
     return _NUMBER.sub(r"\1", text).encode()
 
 
+def signed(secret: str, body: dict[str, Any]) -> tuple[bytes, str]:
+    """The bytes NOWPayments sends for ``body``, and their signature."""
+    raw = encode(body)
+    # NOWPayments signs its sorted form, not the bytes it sends.
+    parsed = json.loads(raw, parse_float=Decimal)
+    sorted_form = canonical_json(parsed, arrays_as_objects=True).encode()
+    return raw, sign(secret, sorted_form)
+
+
 Delivery = tuple[str, dict[str, Any], str]  # what, body, expected outcome
 
 
@@ -155,12 +163,7 @@ def deliver(base: str, deliveries: list[Delivery]) -> list[str]:
     """Send signed IPNs as NOWPayments does; return what did not go as expected."""
     problems = []
     for what, body, expected in deliveries:
-        raw = encode(body)
-        # NOWPayments signs its sorted form, not the bytes it sends.
-        parsed = json.loads(raw, parse_float=Decimal)
-        signature = sign(
-            SECRET, canonical_json(parsed, arrays_as_objects=True).encode()
-        )
+        raw, signature = signed(SECRET, body)
         response = requests.post(
             f"{base}/ipn",
             data=raw,
@@ -235,40 +238,6 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def wait_for_services(bases: list[str], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    for base in bases:
-        while True:
-            try:
-                if requests.get(f"{base}/livez", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{base} did not start; see the system log")
-            time.sleep(0.3)
-
-
-def fresh_database() -> tuple[str, bool]:
-    """The demo's own database, new each time; and whether we started a server."""
-    admin = os.environ.get("DATABASE_URL")
-    started = admin is None
-    if admin is None:
-        admin = embedded.start(DEMO_DATA, keep_running=True)
-    conn = psycopg2.connect(admin)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-            (DATABASE,),
-        )
-        cur.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
-    conn.close()
-    url = embedded.ensure_database(admin, DATABASE)
-    schema.migrate(url)
-    return url, started
-
-
 def register_clients(payoutctl: str, env: dict[str, str]) -> None:
     for client, open_channel, strategy, threshold, wallet, currency in CLIENTS:
         args = [payoutctl, "clients", "add", f"--client-id={client}"]
@@ -301,8 +270,8 @@ def system_env(url: str) -> dict[str, str]:
 
 
 def run_demo(url: str, env: dict[str, str]) -> list[str]:
-    bases = [f"http://127.0.0.1:{PORT_BASE + offset}" for offset in (1, 2, 3, 4)]
-    wait_for_services(bases, 60)
+    bases = local_system.bases(PORT_BASE)
+    local_system.wait_for_services(bases, 60)
     payoutctl = str(Path(sys.executable).with_name("payoutctl"))
     register_clients(payoutctl, env)
     plan = waves()
@@ -342,26 +311,18 @@ def run_demo(url: str, env: dict[str, str]) -> list[str]:
 
 def main() -> int:
     started_at = time.monotonic()
-    url, own_server = fresh_database()
+    admin, _ = local_system.admin_url(DEMO_DATA)
+    own_server = not os.environ.get("DATABASE_URL")
+    url = local_system.fresh_database(admin, DATABASE)
     env = system_env(url)
-    DEMO_DATA.mkdir(parents=True, exist_ok=True)
     log_path = DEMO_DATA / "system.log"
     ports = f"{PORT_BASE + 1}-{PORT_BASE + 4}"
     print(f"starting the demo system on ports {ports}; its logs: {log_path}")
-    with open(log_path, "w") as log:
-        system = subprocess.Popen(
-            [sys.executable, "-m", "scripts.run_local", "--port-base", str(PORT_BASE)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    system = local_system.start(env, PORT_BASE, log_path)
     try:
         failures = run_demo(url, env)
     finally:
-        os.killpg(system.pid, signal.SIGTERM)
-        system.wait(timeout=30)
+        local_system.stop(system)
         if own_server:
             embedded.stop(DEMO_DATA)
 
