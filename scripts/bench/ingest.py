@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import psycopg2
@@ -69,30 +70,59 @@ def _bodies(start: int, count: int) -> list[tuple[bytes, str]]:
     return bodies
 
 
+Answer = tuple[int, int, str | None, float]  # index, status, outcome, seconds
+
+
+def send_ipns(
+    port: int, deliveries: Iterable[tuple[bytes, str]], deadline: float
+) -> Iterator[Answer]:
+    """POST each (body, signature) on one keep-alive connection, back to back.
+
+    Stops at the deadline or when ``deliveries`` ends. A delivery the
+    connection failed on is answered with status 0 and a fresh connection.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for index, (body, signature) in enumerate(deliveries):
+            if time.perf_counter() >= deadline:
+                return
+            headers = {
+                "Content-Type": "application/json",
+                "x-nowpayments-sig": signature,
+            }
+            started = time.perf_counter()
+            try:
+                conn.request("POST", "/ipn", body, headers)
+                response = conn.getresponse()
+                payload = response.read()
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                yield index, 0, None, time.perf_counter() - started
+                continue
+            elapsed = time.perf_counter() - started
+            try:
+                outcome = json.loads(payload).get("outcome")
+            except ValueError:
+                outcome = None
+            yield index, response.status, outcome, elapsed
+    finally:
+        conn.close()
+
+
 def _load_worker(
     port: int, bodies: list[tuple[bytes, str]], deadline: float, out: list[object]
 ) -> None:
     """One connection, keep-alive, requests back to back until the deadline."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     latencies: list[float] = []
     accepted: list[int] = []
     errors = 0
-    for index, (body, signature) in enumerate(bodies):
-        if time.perf_counter() >= deadline:
-            break
-        headers = {"Content-Type": "application/json", "x-nowpayments-sig": signature}
-        started = time.perf_counter()
-        try:
-            conn.request("POST", "/ipn", body, headers)
-            response = conn.getresponse()
-            payload = response.read()
-        except (OSError, http.client.HTTPException):
+    for index, status, outcome, elapsed in send_ipns(port, bodies, deadline):
+        if status == 0:
             errors += 1
-            conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             continue
-        latencies.append(time.perf_counter() - started)
-        if response.status == 200 and json.loads(payload)["outcome"] == "accumulated":
+        latencies.append(elapsed)
+        if status == 200 and outcome == "accumulated":
             accepted.append(index)
         else:
             errors += 1
