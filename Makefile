@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo test lint fmt migrate bench-ingest bench-conversion bench-payouts clean
+.PHONY: help install run demo test lint fmt migrate bench-ingest bench-conversion bench-payouts soak clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,6 +48,9 @@ bench-payouts: $(STAMP) ## benchmark one /process run over 100,000 clients, then
 
 bench-conversion: $(STAMP) ## time the micro-batch check, claim and USDT sharing over a large history
 	$(BIN)/python -m scripts.bench.conversion
+
+soak: $(STAMP) ## a minute of signed IPNs through the whole local system, then check it all
+	$(BIN)/python -m scripts.bench.soak $(SOAK_ARGS)
 
 clean: ## remove the virtual environment and local database
 	rm -rf $(VENV) .data
