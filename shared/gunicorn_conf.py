@@ -1,7 +1,9 @@
 """gunicorn settings for every service, from the environment.
 
-``WEB_CONCURRENCY`` worker processes (default 2), ``GUNICORN_THREADS``
-threads each (default 4), ``GUNICORN_TIMEOUT`` seconds (default 30).
+``GUNICORN_WORKERS`` worker processes (else ``WEB_CONCURRENCY``, default 2),
+``GUNICORN_THREADS`` threads each (default 4), ``GUNICORN_TIMEOUT`` seconds
+(default 30), listening on ``BIND``, else every address at ``PORT`` (Cloud
+Run sets it). The container image sets its own defaults (Dockerfile).
 Cloud Run logs each request itself, so there is no access log; gunicorn's
 own lines go out as JSON like ours.
 """
@@ -11,7 +13,9 @@ import os
 from shared.logging import formatter
 
 bind = os.environ.get("BIND", f"0.0.0.0:{os.environ.get('PORT', '8080')}")
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+workers = int(
+    os.environ.get("GUNICORN_WORKERS") or os.environ.get("WEB_CONCURRENCY", "2")
+)
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 worker_class = "gthread" if threads > 1 else "sync"
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
