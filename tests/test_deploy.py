@@ -28,7 +28,9 @@ MONITORING = ROOT / "scripts" / "monitoring"
 VERSION = "v1.4.0"
 PROJECT = "payouts-prod"
 SA = "@payouts-prod.iam.gserviceaccount.com"
-UPTIME_AGENT = "service-123456789012@gcp-sa-monitoring-notification.iam.gserviceaccount.com"
+UPTIME_AGENT = (
+    "service-123456789012@gcp-sa-monitoring-notification.iam.gserviceaccount.com"
+)
 SECRET_VALUES = {
     "PAYOUTS_DATABASE_URL": "postgresql://payouts:sup3r-s3cret-pw@/payouts",
     "PAYOUTS_NOWPAYMENTS_IPN_SECRET": "ipn-hmac-key-never-printed",
@@ -83,9 +85,7 @@ def env_vars(flag_value: str) -> dict[str, str]:
 
 
 def run_deploys(argvs: list[list[str]]) -> dict[str, list[str]]:
-    return {
-        argv[3]: argv for argv in argvs if argv[:3] == ["gcloud", "run", "deploy"]
-    }
+    return {argv[3]: argv for argv in argvs if argv[:3] == ["gcloud", "run", "deploy"]}
 
 
 @pytest.fixture
@@ -103,7 +103,11 @@ def test_every_service_is_deployed_with_its_image_identity_and_version(
 ) -> None:
     deployed = run_deploys(argvs)
 
-    assert set(deployed) == {"gcaccumulator", "gcmicrobatchprocessor", "gcbatchprocessor"}
+    assert set(deployed) == {
+        "gcaccumulator",
+        "gcmicrobatchprocessor",
+        "gcbatchprocessor",
+    }
     accounts = {
         "gcaccumulator": "payouts-accumulator",
         "gcmicrobatchprocessor": "payouts-microbatch",
@@ -160,9 +164,7 @@ def test_each_service_starts_with_what_the_real_config_loader_requires(
     for name, argv in run_deploys(argvs).items():
         given = flags(argv)
         environ = env_vars(given["--set-env-vars"])
-        mounted = dict(
-            pair.split("=", 1) for pair in given["--set-secrets"].split(",")
-        )
+        mounted = dict(pair.split("=", 1) for pair in given["--set-secrets"].split(","))
         assert mounted == {"DATABASE_URL": "payouts-database-url:latest"}
         # What Cloud Run puts in the variable at start, here a stand-in.
         environ["DATABASE_URL"] = "postgresql://payouts@/payouts"
@@ -305,7 +307,11 @@ def test_queues_retry_longer_than_a_batch_takes_to_be_reported_stale(
         if argv[:4] == ["gcloud", "iam", "service-accounts", "add-iam-policy-binding"]
     }
     assert act_as == {
-        (f"payouts-tasks{SA}", f"serviceAccount:{who}{SA}", "roles/iam.serviceAccountUser")
+        (
+            f"payouts-tasks{SA}",
+            f"serviceAccount:{who}{SA}",
+            "roles/iam.serviceAccountUser",
+        )
         for who in ("payouts-microbatch", "payouts-batch")
     }
 
@@ -313,7 +319,9 @@ def test_queues_retry_longer_than_a_batch_takes_to_be_reported_stale(
 def test_scheduler_ensure_runs_with_a_declaration_it_can_fill(
     argvs: list[list[str]],
 ) -> None:
-    [ensure] = [argv for argv in argvs if argv[-3:] == ["payoutctl", "scheduler", "ensure"]]
+    [ensure] = [
+        argv for argv in argvs if argv[-3:] == ["payoutctl", "scheduler", "ensure"]
+    ]
     assert ensure[0] == "env"
     environ = dict(pair.split("=", 1) for pair in ensure[1:-3])
 
@@ -357,7 +365,9 @@ def test_every_alerting_file_is_applied_filled_in(
             "projects/payouts-prod/notificationChannels/4242424242424242"
         ]
     uptime = [
-        argv for argv in argvs if argv[:4] == ["gcloud", "monitoring", "uptime", "create"]
+        argv
+        for argv in argvs
+        if argv[:4] == ["gcloud", "monitoring", "uptime", "create"]
     ]
     assert [argv[4] for argv in uptime] == [check["displayName"] for check in checks]
     for argv in uptime:
