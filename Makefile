@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo test lint fmt migrate bench-ingest bench-conversion bench-payouts soak clean
+.PHONY: help install run demo test lint fmt migrate deploy-dry-run bench-ingest bench-conversion bench-payouts soak clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -39,6 +39,12 @@ fmt: $(STAMP) ## format the code and apply safe lint fixes
 
 migrate: $(STAMP) ## apply database migrations (payoutctl migrate)
 	$(BIN)/payoutctl migrate
+
+# The version a deploy would ship: the commit, unless VERSION=... is given.
+VERSION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+
+deploy-dry-run: $(STAMP) ## print every gcloud command a deploy of scripts/deploy.toml would run (runs none)
+	$(BIN)/python -m scripts.deploy --config scripts/deploy.toml --version $(VERSION) --dry-run
 
 bench-ingest: $(STAMP) ## benchmark IPN ingestion against gunicorn, with pgbench's ceiling
 	$(BIN)/python -m scripts.bench.ingest

@@ -24,6 +24,7 @@ from shared import (
     replay,
     scheduler_sync,
     schema,
+    smoke,
     status,
     trigger,
 )
@@ -48,6 +49,8 @@ class Runtime:
     """What commands share, set up on first use so ``--help`` needs nothing."""
 
     def __init__(self) -> None:
+        # Tests give ID tokens of their own; None: Google's credentials.
+        self.token_source: smoke.TokenSource | None = None
         self._config: Config | None = None
         self._url: str | None = None
         self._database: Database | None = None
@@ -480,3 +483,46 @@ def scheduler_ensure() -> None:
     click.echo(f"scheduler: {len(remaining)} drift(s) left, {len(unfixed)} unfixed")
     if unfixed:
         raise SystemExit(1)
+
+
+# --- after a deploy -----------------------------------------------------------
+
+
+@main.command("smoke")
+@click.option(
+    "--url",
+    "urls",
+    multiple=True,
+    required=True,
+    metavar="[NAME=]URL",
+    help="A service's base URL, optionally with the name /health reports.",
+)
+@click.option("--expect-version", required=True, help="The version just deployed.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=10,
+    show_default=True,
+    metavar="SECONDS",
+)
+@click.pass_context
+def smoke_command(
+    ctx: click.Context, urls: tuple[str, ...], expect_version: str, timeout_s: float
+) -> None:
+    """Check each service's /health answers 200 at the expected version,
+    called with a Google ID token for its URL; exit 1 naming each failure."""
+    try:
+        targets = [smoke.parse_target(text) for text in urls]
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--url") from None
+    tokens = (
+        ctx.obj.token_source if ctx.obj.token_source else smoke.google_token_source()
+    )
+
+    results = smoke.run(targets, expect_version, tokens, timeout_s)
+    for result in results:
+        click.echo(result.line)
+    click.echo(smoke.summary(results))
+    if not all(result.passed for result in results):
+        ctx.exit(1)
