@@ -8,6 +8,7 @@ from typing import Any, cast
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from gcbatchprocessor import payouts
+from shared import status_page
 from shared.auth import require_internal_auth
 from shared.config import load_config
 from shared.jobs import RunIdentity
@@ -42,6 +43,7 @@ def create_app(
         still_wanted=payouts.still_wanted,
     )
     app.register_blueprint(bp)
+    app.register_blueprint(status_page.bp)
     return app
 
 

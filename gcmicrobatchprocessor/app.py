@@ -8,6 +8,7 @@ from typing import Any, cast
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
 from gcmicrobatchprocessor import conversion, sharing
+from shared import status_page
 from shared.auth import require_internal_auth
 from shared.config import load_config
 from shared.jobs import RunIdentity
@@ -41,6 +42,7 @@ def create_app(
         still_wanted=conversion.still_wanted,
     )
     app.register_blueprint(bp)
+    app.register_blueprint(status_page.bp)
     return app
 
 

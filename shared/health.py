@@ -144,17 +144,21 @@ def health_report(
         }
         for row in tasks
     }
+    body["status"] = verdict(
+        jobs, batches["conversions_stuck"] + batches["payouts_stuck"]
+    )
+    return body, 503 if body["status"] == "down" else 200
+
+
+def verdict(jobs: dict[str, JobHealth], stuck_batches: int) -> str:
+    """``down`` when a job is down, ``degraded`` when something needs a look."""
     states = {health.state for health in jobs.values()}
     if "down" in states:
-        body["status"] = "down"
-        return body, 503
+        return "down"
     worrying = (
         # "never" is how every job starts after a deploy: not a worry yet.
         "late" in states
-        or batches["conversions_stuck"]
-        or batches["payouts_stuck"]
+        or stuck_batches > 0
         or any(health.hung for health in jobs.values())
     )
-    if worrying:
-        body["status"] = "degraded"
-    return body, 200
+    return "degraded" if worrying else "ok"

@@ -154,3 +154,14 @@ def to_text(amount: Decimal) -> str:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text
+
+
+def to_display(amount: Decimal) -> str:
+    """An amount for a person to read: exact like ``to_text``, with the
+    thousands grouped (``1,234.5``)."""
+    if amount == 0:
+        return "0"
+    text = format(amount, ",f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text

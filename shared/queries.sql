@@ -296,7 +296,8 @@ JOIN LATERAL (
 
 -- name: status_open_batches
 -- Conversions and payout batches not finished, oldest first; stale is the
--- services' own rule (stale_conversions, stale_batches).
+-- services' own rule (stale_conversions, stale_batches). payoutctl lists
+-- them all (limit NULL); the status page shows the oldest few.
 SELECT 'conversion' AS kind,
        batch_conversion_id::text AS batch_id,
        status, created_at,
@@ -314,7 +315,8 @@ SELECT 'payout', batch_id::text, status, created_at,
        row_count, NULL, NULL, NULL, total_usdt, client_id
 FROM payout_batches
 WHERE status IN ('claimed', 'sent')
-ORDER BY created_at, batch_id;
+ORDER BY created_at, batch_id
+LIMIT %(limit)s;
 
 -- name: status_undelivered_tasks
 SELECT service,

@@ -53,7 +53,10 @@ def gather(db: Database, settings: Settings) -> Status:
         unpaid = cur.fetchone()
         cur.execute(QUERIES["status_last_runs"], {"jobs": list(jobs)})
         last_runs = {row["job"]: dict(row) for row in cur.fetchall()}
-        cur.execute(QUERIES["status_open_batches"], {"stale_after_s": stale_after_s})
+        cur.execute(
+            QUERIES["status_open_batches"],
+            {"stale_after_s": stale_after_s, "limit": None},
+        )
         batches = [dict(row) for row in cur.fetchall()]
         cur.execute(QUERIES["status_undelivered_tasks"])
         tasks = [dict(row) for row in cur.fetchall()]

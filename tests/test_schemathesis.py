@@ -101,7 +101,9 @@ class Tally:
     accumulated: set[str] = field(default_factory=set)
 
     def record(self, label: str, response: Any) -> None:
-        body = response.json() if response.content else None
+        # The status page answers HTML; every other answer is JSON.
+        html = response.content.lstrip().startswith(b"<!doctype html>")
+        body = response.json() if response.content and not html else None
         word = ""
         if isinstance(body, dict):
             error = body.get("error")
@@ -434,7 +436,7 @@ def test_the_micro_batch_processor_answers_only_as_documented(
             "gcmicrobatchprocessor",
             tally,
             checks=UNAUTHENTICATED_CHECKS,
-            only={"POST /check-threshold", "POST /swap-executed"},
+            only={"POST /check-threshold", "POST /swap-executed", "GET /status"},
             examples=FEW_EXAMPLES,
         )
         with database_down(app):
@@ -450,9 +452,13 @@ def test_the_micro_batch_processor_answers_only_as_documented(
         close(app)
 
     print(sorted(tally.answers.items()), sorted(down.answers.items()))
-    assert {"POST /check-threshold", "POST /swap-executed", "GET /health"} <= (
-        down.labels(503)
-    )
+    assert {
+        "POST /check-threshold",
+        "POST /swap-executed",
+        "GET /health",
+        "GET /status",
+    } <= down.labels(503)
+    assert tally.statuses("GET /status") == {200, 401}
     assert tally.statuses("POST /swap-executed") >= {200, 400, 401, 404, 409}
     # Real conversions were reached and finished, not only unknown ones.
     assert tally.words("POST /swap-executed") & {"completed", "failed"}
@@ -539,7 +545,7 @@ def test_the_batch_processor_answers_only_as_documented(
             "gcbatchprocessor",
             tally,
             checks=UNAUTHENTICATED_CHECKS,
-            only={"POST /process", "POST /payout-completed"},
+            only={"POST /process", "POST /payout-completed", "GET /status"},
             examples=FEW_EXAMPLES,
         )
         with database_down(batch):
@@ -556,9 +562,13 @@ def test_the_batch_processor_answers_only_as_documented(
         close(microbatch)
 
     print(sorted(tally.answers.items()), sorted(down.answers.items()))
-    assert {"POST /process", "POST /payout-completed", "GET /health"} <= (
-        down.labels(503)
-    )
+    assert {
+        "POST /process",
+        "POST /payout-completed",
+        "GET /health",
+        "GET /status",
+    } <= down.labels(503)
+    assert tally.statuses("GET /status") == {200, 401}
     assert tally.statuses("POST /payout-completed") >= {200, 400, 401, 404, 409}
     assert tally.words("POST /payout-completed") & {"completed", "failed"}
     assert tally.statuses("POST /process") >= {200, 400, 401}
