@@ -451,13 +451,10 @@ class Deployment:
             if service.public
             else ("--no-allow-unauthenticated")
         )
-        args = ",".join(["-c", "python:shared.gunicorn_conf", service.entry])
         flags = [
             f"--region={self.config.region}",
             f"--image={self.config.image_for(self.version)}",
             f"--service-account={self.config.email(service.account)}",
-            "--command=gunicorn",
-            f"--args={args}",
             _env_flag("--set-env-vars", self.config.environment(role, self.version)),
         ]
         if service.mount_secrets:

@@ -30,6 +30,7 @@ TASK_SENDERS: tuple[Role, ...] = ("microbatch", "batch")
 # service could be told it is somewhere it is not.
 DERIVED_ENV = frozenset(
     {
+        "SERVICE",
         "ENVIRONMENT",
         "APP_VERSION",
         "SECRETS_BACKEND",
@@ -117,7 +118,8 @@ class Migrate(_Strict):
 class Service(_Strict):
     name: str = Field(pattern=_NAME.pattern)
     account: str
-    entry: str
+    # The package the image's entry point serves (SERVICE, Dockerfile).
+    package: Literal["gcaccumulator", "gcbatchprocessor", "gcmicrobatchprocessor"]
     public: bool
     ingress: Literal["all", "internal", "internal-and-cloud-load-balancing"]
     timeout_s: int = Field(ge=1, le=3600)
@@ -214,6 +216,7 @@ class Deploy(_Strict):
         """Every variable the service starts with, besides mounted secrets."""
         service = self.services[role]
         env = {
+            "SERVICE": service.package,
             "ENVIRONMENT": "production",
             "APP_VERSION": version,
             "SECRETS_BACKEND": "gcp",

@@ -119,12 +119,13 @@ def test_every_service_is_deployed_with_its_image_identity_and_version(
         assert given["--service-account"] == accounts[name] + SA
         assert given["--project"] == PROJECT
         assert given["--region"] == "europe-west1"
-        assert given["--command"] == "gunicorn"
-        assert given["--args"].endswith(f"{name}.app:create_app()")
+        # The image's entry point serves the package SERVICE names.
+        assert "--command" not in given and "--args" not in given
         assert given["--set-cloudsql-instances"] == "payouts-prod:europe-west1:payouts"
         assert "--quiet" in argv
         env = env_vars(given["--set-env-vars"])
         assert env["APP_VERSION"] == VERSION
+        assert env["SERVICE"] == name
         assert env["ENVIRONMENT"] == "production"
         assert env["SERVICE_URL"] == f"https://{name}-123456789012.europe-west1.run.app"
 
