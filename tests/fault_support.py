@@ -375,6 +375,10 @@ class Processor:
             add_client(db, PAYOUT_CLIENT, threshold="2")
             add_payments(db, PAYOUT_CLIENT, ["1.5", "1.25"])
 
+    @property
+    def job(self) -> str:
+        return self.job_path.lstrip("/")
+
     def batches(self, db: Database) -> list[dict[str, Any]]:
         return query(db, f"SELECT * FROM {self.batch_table} ORDER BY created_at")
 

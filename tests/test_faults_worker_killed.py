@@ -25,6 +25,7 @@ from fault_support import (
     StubExecutor,
     assert_reconcile_clean,
     outbox,
+    query,
     scheduled_run,
 )
 
@@ -89,23 +90,35 @@ def test_a_worker_killed_after_the_commit_leaves_the_task_for_the_next_run(
     assert f"exited with code {faults.EXIT_STATUS}" in service.log_text()
 
     service.wait_live()  # gunicorn's new worker, same variables, no trigger
-    answer = scheduled_run(service.url, processor.job_path, 2)
+    # Cloud Scheduler saw the run fail and retries the same slot.
+    retry = scheduled_run(service.url, processor.job_path, 1)
 
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["outcome"] == "succeeded"
-    assert answer.json()["figures"]["tasks_sent"] == 1
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["outcome"] == "succeeded"
+    assert retry.json()["figures"]["tasks_sent"] == 1
     [received] = executor.requests
     assert received["headers"]["Idempotency-Key"] == str(batch[processor.batch_key])
     assert received["body"][processor.batch_key] == str(batch[processor.batch_key])
 
-    # Later runs have nothing left to send.
-    again = scheduled_run(service.url, processor.job_path, 3)
-    assert again.json()["figures"]["tasks_sent"] == 0
+    # The next scheduled run has nothing left to send.
+    following = scheduled_run(service.url, processor.job_path, 2)
+    assert following.json()["figures"]["tasks_sent"] == 0
     assert len(executor.requests) == 1
     [task] = outbox(db)
     assert task["sent_at"] is not None and task["attempts"] == 1
     [batch] = processor.batches(db)
     assert batch["status"] == ("swapping" if processor.name == "microbatch" else "sent")
+
+    # The dead run's record stays 'running'; long after, with runs that
+    # succeeded since, it is history and no hang for /health to report.
+    query(
+        db,
+        "UPDATE job_runs SET started_at = now() - interval '1 hour'"
+        " WHERE outcome = 'running' RETURNING id",
+    )
+    health = requests.get(f"{service.url}/health", timeout=30).json()
+    assert health["jobs"][processor.job]["hung"] is False
+    assert health["status"] == "ok", health
 
     assert_reconcile_clean(database_url)
     service.assert_logs_hold_no_secret()
