@@ -431,7 +431,7 @@ class Processes:
 def outbox(db: Database) -> list[dict[str, Any]]:
     return query(
         db,
-        "SELECT *, next_attempt_at - now() AS wait FROM outbox ORDER BY id",
+        "SELECT * FROM outbox ORDER BY id",
     )
 
 

@@ -199,11 +199,13 @@ def test_the_accumulator_answers_503_while_postgres_is_down_and_recovers_alone(
     assert {a.status for a in retried} <= {200}
     assert {a.body["outcome"] for a in retried} <= {"accumulated", "duplicate"}
 
+    database = Database(url, size=1)
     credited = query(
-        Database(url, size=1),
+        database,
         "SELECT nowpayments_payment_id AS payment_id, count(*) AS times"
         " FROM payout_accumulation GROUP BY 1",
     )
+    database.close()
     times = {row["payment_id"]: row["times"] for row in credited}
     assert set(times) == {a.payment_id for a in answers}
     assert set(times.values()) == {1}
