@@ -271,12 +271,16 @@ class OwnPostgres:
         self.pgdata.mkdir()
         self.port = free_port()
         self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        self.user = self._server_user()
-        initdb(
-            ["--auth=trust", "--encoding=utf8", "-U", "postgres"],
-            pgdata=self.pgdata,
-            user=self.user,
-        )
+        try:
+            self.user = self._server_user()
+            initdb(
+                ["--auth=trust", "--encoding=utf8", "-U", "postgres"],
+                pgdata=self.pgdata,
+                user=self.user,
+            )
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
 
     def _server_user(self) -> str | None:
         """PostgreSQL refuses to run as root: as the package does, run it as
