@@ -17,7 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from shared import money, outbox
+from shared import faults, money, outbox
 from shared.db import Database, load_queries
 from shared.errors import ApiError, Conflict, NotFound
 
@@ -71,6 +71,7 @@ def process(db: Database, settings: PayoutSettings) -> dict[str, Any]:
     assert claimed is not None and waiting is not None
     without_wallet = waiting["clients"]
     if claimed["batches"]:
+        faults.reach("after-payout-commit")
         log.info(
             "payouts_claimed",
             extra={

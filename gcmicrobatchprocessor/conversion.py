@@ -15,7 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from shared import money, outbox
+from shared import faults, money, outbox
 from shared.config import read_threshold
 from shared.db import Database, load_queries
 from shared.secrets import SecretSource
@@ -56,6 +56,8 @@ def check_threshold(
             if conversion is not None:
                 created.append(conversion)
 
+    if created:
+        faults.reach("after-conversion-commit")
     task_ids = [conversion["task_id"] for conversion in created]
     delivery = tasks.deliver_due(ids=task_ids) if task_ids else outbox.DeliveryReport()
     stale = report_stale(db, settings.stale_after_s)

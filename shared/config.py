@@ -21,6 +21,8 @@ from shared import money
 from shared.secrets import SecretError, SecretSource, make_secret_source
 
 Service = Literal["accumulator", "microbatch", "batch", "payoutctl"]
+# shared.faults.POINTS
+FaultPoint = Literal["after-conversion-commit", "after-payout-commit"]
 
 _URL = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -124,6 +126,10 @@ class Settings(BaseModel):
 
     heartbeat_url_check_threshold: str | None = None
     heartbeat_url_process: str | None = None
+
+    # Fault tests only (shared/faults.py): refused unless ENVIRONMENT=test.
+    test_fault_point: FaultPoint | None = None
+    test_fault_trigger_file: str | None = None
 
     @field_validator("allowed_invokers", mode="before")
     @classmethod
@@ -259,6 +265,23 @@ def _service_problems(settings: Settings, service: Service) -> list[str]:
     return problems
 
 
+def _fault_problems(settings: Settings) -> list[str]:
+    """A failure point kills workers on purpose: only ever in a test."""
+    armed = [
+        name
+        for name in ("test_fault_point", "test_fault_trigger_file")
+        if getattr(settings, name) is not None
+    ]
+    if armed and settings.environment != "test":
+        return [
+            f"{name.upper()}: honoured only with ENVIRONMENT=test" for name in armed
+        ]
+    if len(armed) == 1:
+        other = {"test_fault_point", "test_fault_trigger_file"} - set(armed)
+        return [f"{other.pop().upper()}: required with {armed[0].upper()}"]
+    return []
+
+
 def _production_problems(settings: Settings, service: Service) -> list[str]:
     if settings.environment != "production":
         return []
@@ -324,8 +347,10 @@ def load_config(
     env = dict(os.environ if environ is None else environ)
     settings, problems = _validate(_settings_kwargs(env))
     reported = {problem.split(":", 1)[0] for problem in problems}
-    later = _service_problems(settings, service) + _production_problems(
-        settings, service
+    later = (
+        _service_problems(settings, service)
+        + _production_problems(settings, service)
+        + _fault_problems(settings)
     )
     problems += [p for p in later if p.split(":", 1)[0] not in reported]
     if (

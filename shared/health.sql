@@ -4,12 +4,19 @@
 -- name: job_heartbeats
 -- Per job: the newest successful run's finish (the heartbeat) and the
 -- oldest run still marked running. A run that started and never finished
--- is not a heartbeat.
+-- is not a heartbeat. A run marked running that started before a run that
+-- succeeded is left out: that later run held the lock, so this one had lost
+-- it (its worker died, or its bound ran out); it stays 'running' forever,
+-- and counting it would leave the job hung in /health forever too.
 SELECT job.name AS job,
        (SELECT max(finished_at) FROM job_runs
         WHERE job_runs.job = job.name AND outcome = 'succeeded') AS last_success_at,
-       (SELECT min(started_at) FROM job_runs
-        WHERE job_runs.job = job.name AND outcome = 'running') AS running_since,
+       (SELECT min(started_at) FROM job_runs AS running
+        WHERE running.job = job.name AND running.outcome = 'running'
+          AND NOT EXISTS (
+              SELECT 1 FROM job_runs AS later
+              WHERE later.job = job.name AND later.outcome = 'succeeded'
+                AND later.started_at > running.started_at)) AS running_since,
        (SELECT created_at FROM suite_info) AS suite_created_at,
        now() AS now
 FROM unnest(%(jobs)s::text[]) AS job(name);

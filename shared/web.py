@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from shared import embedded, schema
+from shared import embedded, faults, schema
 from shared import logging as suite_logging
 from shared.auth import Authenticator, TokenAuthenticator
 from shared.config import Config
@@ -52,6 +52,7 @@ def create_service_app(
     """The common app; ``statement_timeout_ms`` is the service's default."""
     settings = config.settings
     suite_logging.configure(name, settings.log_level)
+    faults.arm(settings.test_fault_point, settings.test_fault_trigger_file)
     database_url = embedded.resolve_database_url(settings.database_url)
     schema.require_current(database_url)
     db = Database(
