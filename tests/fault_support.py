@@ -29,11 +29,11 @@ import requests
 from click.testing import CliRunner
 from conftest import INTERNAL_HEADERS, INTERNAL_TOKEN, IPN_SECRET, base_environ
 from flask import Flask, Response, jsonify, request
-from log_scan import find_secrets
 from microbatch_support import add_pending, query
 from payout_support import add_client, add_payments
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from scripts.log_scan import find_secrets
 from shared.cli import main as payoutctl
 from shared.db import Database
 

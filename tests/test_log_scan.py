@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import logging
 
-from log_scan import find_secrets
-
 from gcaccumulator.ipn import sign
+from scripts.log_scan import find_secrets
 from shared.logging import formatter
 
 IPN_SECRET = "planted-ipn-secret"
@@ -78,3 +77,9 @@ def test_each_offending_line_is_reported_once_in_order() -> None:
     text = "\n".join([first, CLEAN[0], second])
 
     assert find_secrets(text, [TOKEN, SIGNATURE, ""]) == [first, second]
+
+
+def test_a_signature_in_upper_case_hex_still_counts_as_leaked() -> None:
+    leak = log_line("payment_refused", sig=SIGNATURE[:20].upper())
+
+    assert find_secrets("\n".join([*CLEAN, leak]), [SIGNATURE]) == [leak]

@@ -43,7 +43,7 @@ import psycopg2.extras
 
 from scripts import demo, local_system
 from scripts.bench.ingest import send_ipns
-from scripts.log_leaks import find_leaks
+from scripts.log_scan import find_secrets
 from shared import embedded, money
 from shared.db import load_queries
 
@@ -319,12 +319,14 @@ def reconcile(env: dict[str, str]) -> bool:
 
 def scan_logs(log_path: Path, secrets_: list[str], senders: list[Sender]) -> list[str]:
     signatures = [planned.signature for s in senders for planned in s.planned]
-    with open(log_path, errors="replace") as log:
-        lines = log.readlines()
-    leaks = find_leaks(lines, secrets_, signatures)
-    print(f"  {'log lines:':<14}{len(lines):>8}  (scanned; leaks: {len(leaks)})")
-    # Where, never what: printing the line would leak it again.
-    return [f"log line {leak.line_number} holds a {leak.what}" for leak in leaks[:10]]
+    text = log_path.read_text(errors="replace")
+    leaks = find_secrets(text, [*secrets_, *signatures])
+    lines = text.count("\n")
+    print(f"  {'log lines:':<14}{lines:>8}  (scanned; leaks: {len(leaks)})")
+    # How many and where to look, never what: printing a line leaks it again.
+    if not leaks:
+        return []
+    return [f"{len(leaks)} log lines of {log_path} hold a secret or signature"]
 
 
 def soak(args: argparse.Namespace) -> int:

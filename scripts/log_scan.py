@@ -7,21 +7,27 @@ characters long: a signature cut to its first 32 characters has still
 leaked. Each secret is also looked for as JSON writes it inside a string
 (quotes and backslashes escaped), since the suite's log lines are JSON.
 
-Any test or benchmark that runs real processes can scan their output with
+The fault tests and the soak benchmark scan their processes' output with
 it; it needs nothing but the standard library.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 
 FRAGMENT = 16
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 
 def _spellings(secret: str) -> set[str]:
-    """The secret as written raw and as written inside a JSON string."""
-    return {secret, json.dumps(secret, ensure_ascii=False)[1:-1]}
+    """The secret as written raw and inside a JSON string; a hex secret (a
+    signature) in either case, since hex is case-blind."""
+    spellings = {secret, json.dumps(secret, ensure_ascii=False)[1:-1]}
+    if _HEX.fullmatch(secret):
+        spellings |= {secret.lower(), secret.upper()}
+    return spellings
 
 
 def find_secrets(
