@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
+import psycopg2
 from yoyo import get_backend, read_migrations
+
+from shared.db import DatabaseUnavailable
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -48,3 +52,34 @@ def require_current(database_url: str) -> None:
             f"database schema lacks migrations {', '.join(absent)};"
             " run `payoutctl migrate`"
         )
+
+
+class SchemaGate:
+    """The start-up schema check, carried over to requests when the database
+    was out of reach at start.
+
+    A worker that boots while PostgreSQL is down (a new instance, a worker
+    replaced after a crash) must not exit: gunicorn shuts the whole server
+    down when a worker fails to boot, and the service would not come back by
+    itself once the database does. So an unreachable database only defers
+    the check; an outdated schema still refuses to serve.
+    """
+
+    def __init__(self, database_url: str) -> None:
+        self._database_url = database_url
+        self._lock = threading.Lock()
+        self.checked = False
+
+    def check(self) -> None:
+        """Raise ``SchemaOutdated``, or ``DatabaseUnavailable`` when the
+        database cannot be asked; pass once the schema was found current."""
+        if self.checked:
+            return
+        with self._lock:
+            if self.checked:
+                return
+            try:
+                require_current(self._database_url)
+            except psycopg2.OperationalError as error:
+                raise DatabaseUnavailable(str(error).strip()) from error
+            self.checked = True

@@ -21,7 +21,7 @@ from shared import embedded, faults, schema
 from shared import logging as suite_logging
 from shared.auth import Authenticator, TokenAuthenticator
 from shared.config import Config
-from shared.db import Database
+from shared.db import Database, DatabaseUnavailable
 from shared.errors import ApiError, register_error_handlers
 from shared.health import health_report
 from shared.oidc import OidcAuthenticator
@@ -54,7 +54,11 @@ def create_service_app(
     suite_logging.configure(name, settings.log_level)
     faults.arm(settings.test_fault_point, settings.test_fault_trigger_file)
     database_url = embedded.resolve_database_url(settings.database_url)
-    schema.require_current(database_url)
+    gate = schema.SchemaGate(database_url)
+    try:
+        gate.check()
+    except DatabaseUnavailable as error:
+        log.warning("schema_check_deferred", extra={"error": str(error)})
     db = Database(
         database_url,
         size=settings.db_pool_size,
@@ -70,7 +74,9 @@ def create_service_app(
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["suite"] = Suite(name=name, config=config, db=db)
     app.extensions["authenticator"] = make_authenticator(config)
+    app.extensions["schema_gate"] = gate
     app.before_request(_start_request)
+    app.before_request(_require_schema)
     app.after_request(_finish_request)
     register_error_handlers(app)
     app.register_blueprint(_probes)
@@ -126,6 +132,21 @@ def _start_request() -> None:
         suite_logging.trace.set(f"projects/{project}/traces/{trace_id}")
     else:
         suite_logging.trace.set(None)
+
+
+def _require_schema() -> None:
+    gate = cast(schema.SchemaGate, current_app.extensions["schema_gate"])
+    if gate.checked or request.endpoint == "probes.livez":
+        return
+    try:
+        gate.check()
+    except DatabaseUnavailable:
+        if request.endpoint != "probes.health":
+            raise
+        # /health goes on: it finds the database down and reports it so.
+    except schema.SchemaOutdated as error:
+        log.error("schema_outdated", extra={"error": str(error)})
+        raise ApiError(str(error), code="schema_outdated", status=503) from None
 
 
 def _finish_request(response: Response) -> Response:

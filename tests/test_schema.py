@@ -6,10 +6,13 @@ afterwards, so the session's migrated database is never touched.
 
 from __future__ import annotations
 
+import socket
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg2
 import pytest
@@ -168,3 +171,118 @@ def test_service_accepts_a_schema_newer_than_its_code(scratch_url: str) -> None:
     app = create_accumulator(base_environ(scratch_url))
 
     app.extensions["suite"].db.close()
+
+
+class Forwarder:
+    """A TCP port that refuses connections until ``open`` points it at the
+    test server: a database out of reach when a service starts, then back."""
+
+    def __init__(self, admin_url: str, database_url: str) -> None:
+        server = urlsplit(admin_url)
+        socket_dir = parse_qs(server.query).get("host", [None])[0]
+        port = server.port or 5432
+        # The machine's server over TCP, or the embedded one's unix socket.
+        self.target: Any = (
+            f"{socket_dir}/.s.PGSQL.{port}"
+            if server.hostname is None and socket_dir
+            else (server.hostname or "127.0.0.1", port)
+        )
+        self.database = urlsplit(database_url).path
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._listener: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}{self.database}"
+
+    def open(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+
+    def _connect_upstream(self) -> socket.socket:
+        if isinstance(self.target, str):
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.target)
+            return upstream
+        return socket.create_connection(self.target)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = self._connect_upstream()
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(
+                    target=self._pump, args=(source, sink), daemon=True
+                ).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+
+def test_a_service_started_while_its_database_is_down_serves_once_it_is_back(
+    scratch_url: str, admin_url: str
+) -> None:
+    # gunicorn stops the whole server when a worker fails to boot, so a
+    # worker that starts during an outage must start, answer 503, and serve
+    # when the database is back: nothing restarts it.
+    schema.migrate(scratch_url)
+    database = Forwarder(admin_url, scratch_url)
+    app = create_accumulator(base_environ(database.url))
+    client = app.test_client()
+    try:
+        down = client.post("/ipn", data=b"{}")
+        health_down = client.get("/health")
+        livez = client.get("/livez")
+
+        database.open()
+        up = client.post("/ipn", data=b"{}", headers={"x-nowpayments-sig": "00"})
+        health_up = client.get("/health")
+    finally:
+        app.extensions["suite"].db.close()
+        database.close()
+
+    assert down.status_code == 503
+    assert down.get_json()["outcome"] == "retry_later"
+    assert down.get_json()["error"]["code"] == "database_unavailable"
+    assert health_down.status_code == 503
+    assert health_down.get_json()["database"]["ok"] is False
+    assert livez.status_code == 200
+    # Served again: the forged delivery is refused on its signature.
+    assert up.status_code == 401
+    assert up.get_json()["outcome"] == "bad_signature"
+    assert health_up.get_json()["database"]["ok"] is True
+
+
+def test_a_service_started_while_its_database_is_down_still_refuses_an_old_schema(
+    scratch_url: str, admin_url: str
+) -> None:
+    database = Forwarder(admin_url, scratch_url)
+    app = create_accumulator(base_environ(database.url))
+    try:
+        database.open()
+        answer = app.test_client().post("/ipn", data=b"{}")
+    finally:
+        app.extensions["suite"].db.close()
+        database.close()
+
+    assert answer.status_code == 503
+    assert answer.get_json()["error"]["code"] == "schema_outdated"
+    assert "payoutctl migrate" in answer.get_json()["error"]["message"]
+    assert execute(scratch_url, "SELECT to_regclass('ipn_events')") == [(None,)]
