@@ -356,6 +356,7 @@ def test_the_accumulator_answers_only_as_documented_and_refusals_credit_nothing(
             overrides=sometimes(client_id=known),
         )
         no_price = deliver_unpriceable(unpriced, fixture_clients[0]["client_id"])
+        tally.answers[("POST /ipn", no_price.status_code, "price_unavailable")] += 1
         with database_down(app):
             fuzz(
                 app, "gcaccumulator", down, checks=OUTAGE_CHECKS, examples=FEW_EXAMPLES
