@@ -4,19 +4,22 @@
 -- name: job_heartbeats
 -- Per job: the newest successful run's finish (the heartbeat) and the
 -- oldest run still marked running. A run that started and never finished
--- is not a heartbeat. A run marked running that started before a run that
--- succeeded is left out: that later run held the lock, so this one had lost
--- it (its worker died, or its bound ran out); it stays 'running' forever,
--- and counting it would leave the job hung in /health forever too.
+-- is not a heartbeat. A run marked running that started before the last
+-- run that succeeded is left out: that later run held the lock, so this one
+-- had lost it (its worker died, or its bound ran out); it stays 'running'
+-- forever, and counting it would leave the job hung in /health forever too.
+-- Runs that succeed hold the lock one after another, so the last to finish
+-- is the last to start, and the heartbeat index finds it.
 SELECT job.name AS job,
        (SELECT max(finished_at) FROM job_runs
         WHERE job_runs.job = job.name AND outcome = 'succeeded') AS last_success_at,
        (SELECT min(started_at) FROM job_runs AS running
         WHERE running.job = job.name AND running.outcome = 'running'
-          AND NOT EXISTS (
-              SELECT 1 FROM job_runs AS later
-              WHERE later.job = job.name AND later.outcome = 'succeeded'
-                AND later.started_at > running.started_at)) AS running_since,
+          AND running.started_at >= coalesce(
+              (SELECT last.started_at FROM job_runs AS last
+               WHERE last.job = job.name AND last.outcome = 'succeeded'
+               ORDER BY last.finished_at DESC LIMIT 1),
+              '-infinity')) AS running_since,
        (SELECT created_at FROM suite_info) AS suite_created_at,
        now() AS now
 FROM unnest(%(jobs)s::text[]) AS job(name);
