@@ -500,3 +500,28 @@ def test_secret_unreadable_after_start_answers_503(
     with db.transaction() as cur:
         cur.execute("SELECT count(*) AS n FROM payout_accumulation")
         assert cur.fetchone()["n"] == 0
+
+
+def test_production_names_a_missing_secret_a_bad_fee_and_a_shortcut_at_once() -> None:
+    # Otherwise a production-ready file: Secret Manager, OIDC, Cloud Tasks,
+    # a real price source. Three causes, each of another kind.
+    environ = {
+        "ENVIRONMENT": "production",
+        "DATABASE_URL": DATABASE,
+        "SECRETS_BACKEND": "gcp",
+        "GCP_PROJECT": "payouts-prod",
+        "AUTH_MODE": "oidc",
+        "SERVICE_URL": "https://gcaccumulator-1.europe-west1.run.app",
+        "ALLOWED_INVOKERS": "router@payouts-prod.iam.gserviceaccount.com",
+        "TASKS_BACKEND": "cloudtasks",
+        "TASKS_QUEUE": "payouts-swaps",
+        "TASKS_LOCATION": "europe-west1",
+        "TASKS_SERVICE_ACCOUNT": "tasks@payouts-prod.iam.gserviceaccount.com",
+        "PRICE_SOURCE": "static:3400",
+        "PLATFORM_FEE_PERCENT": "55",
+    }
+    secrets = SecretManagerSecrets("payouts-prod", client=FakeSecretManager({}))
+
+    names = refused_names("accumulator", environ, secrets=secrets)
+
+    assert names == {"NOWPAYMENTS_IPN_SECRET", "PLATFORM_FEE_PERCENT", "PRICE_SOURCE"}
