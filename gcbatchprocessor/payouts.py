@@ -321,14 +321,23 @@ def _repeat(batch: dict[str, Any], outcome: PayoutOutcome) -> dict[str, Any]:
             },
         )
     else:
-        log.warning(
-            "payout_callback_conflict",
-            extra={
-                "batch_id": outcome.batch_id,
-                "recorded_status": recorded,
-                "callback_status": outcome.status,
-            },
-        )
+        details = {
+            "batch_id": outcome.batch_id,
+            "client_id": batch["client_id"],
+            "recorded_status": recorded,
+            "callback_status": outcome.status,
+            "recorded_tx_hash": batch["tx_hash"],
+            "callback_tx_hash": outcome.tx_hash,
+            "recorded_amount_sent": batch["amount_sent"],
+            "callback_amount_sent": outcome.amount_sent,
+        }
+        if "completed" in (recorded, outcome.status):
+            # The executor and our record disagree about a completed payout:
+            # a second transfer to the client, or a completion recorded that
+            # did not happen. Someone must look now.
+            log.error("payout_callback_conflict", extra=details)
+        else:
+            log.warning("payout_callback_conflict", extra=details)
     raise Conflict(
         f"batch {outcome.batch_id} is already {recorded} with other details;"
         " nothing was changed"

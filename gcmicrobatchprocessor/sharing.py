@@ -208,14 +208,22 @@ def _repeat(conversion: dict[str, Any], outcome: SwapOutcome) -> dict[str, Any]:
             },
         )
     else:
-        log.warning(
-            "swap_callback_conflict",
-            extra={
-                "batch_conversion_id": outcome.batch_conversion_id,
-                "recorded_status": recorded,
-                "callback_status": outcome.status,
-            },
-        )
+        details = {
+            "batch_conversion_id": outcome.batch_conversion_id,
+            "recorded_status": recorded,
+            "callback_status": outcome.status,
+            "recorded_swap_id": conversion["swap_id"],
+            "callback_swap_id": outcome.swap_id,
+            "recorded_usdt": conversion["actual_usdt_received"],
+            "callback_usdt": outcome.actual_usdt_received,
+        }
+        if "completed" in (recorded, outcome.status):
+            # The executor and our record disagree about a completed swap:
+            # a second swap, a forged or wrong first callback, or USDT that
+            # never arrived. Shares may have been computed on a wrong amount.
+            log.error("swap_callback_conflict", extra=details)
+        else:
+            log.warning("swap_callback_conflict", extra=details)
     raise Conflict(
         f"conversion {outcome.batch_conversion_id} is already {recorded}"
         " with other details; nothing was changed"

@@ -201,8 +201,12 @@ def test_an_amount_other_than_the_batch_total_is_409_logged_and_changes_nothing(
     ],
     ids=["other_tx_hash", "other_amount_sent", "other_currency", "then_failed"],
 )
-def test_a_repeat_that_contradicts_the_recorded_completion_is_409(
-    app: Flask, db: Database, batch: dict[str, Any], change: dict[str, str]
+def test_a_repeat_that_contradicts_the_recorded_completion_is_409_and_pages(
+    app: Flask,
+    db: Database,
+    batch: dict[str, Any],
+    change: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     callback(app, completed(batch))
     before = snapshot(db)
@@ -212,6 +216,9 @@ def test_a_repeat_that_contradicts_the_recorded_completion_is_409(
     assert answer.status_code == 409
     assert answer.json["error"]["code"] == "conflict"
     assert snapshot(db) == before
+    # A second transfer, or a completion recorded that never happened.
+    [line] = errors_logged(caplog, "payout_callback_conflict")
+    assert line.batch_id == str(batch["batch_id"])
     assert_invariants_hold(db)
 
 

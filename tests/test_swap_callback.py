@@ -215,6 +215,7 @@ def test_a_callback_contradicting_the_recorded_one_is_409_and_changes_nothing(
     conversion_id: str,
     recorded: Callable[..., dict[str, Any]],
     contradiction: dict[str, Any],
+    logs: LogCapture,
 ) -> None:
     assert call_back(app, recorded(conversion_id)).status_code == 200
     before = snapshot(db)
@@ -225,6 +226,11 @@ def test_a_callback_contradicting_the_recorded_one_is_409_and_changes_nothing(
     assert refused.json["error"]["code"] == "conflict"
     assert refused.json["error"]["message"]
     assert snapshot(db) == before
+    # A completion on either side: the shares may rest on a wrong amount.
+    [alarm] = logs.lines("swap_callback_conflict", logging.ERROR) + logs.lines(
+        "swap_completed_after_failure", logging.ERROR
+    )
+    assert alarm["batch_conversion_id"] == conversion_id
     assert_invariants_hold(db)
 
 
