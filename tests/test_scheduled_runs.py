@@ -425,3 +425,21 @@ def test_a_missing_or_wrong_bearer_token_is_401_and_records_no_run(
     assert refused.json["error"]["message"]
     assert job_runs(db) == []
     assert conversions(db) == []
+
+
+def test_a_run_request_with_a_body_over_64_kib_is_413_and_runs_nothing(
+    app: Flask, db: Database
+) -> None:
+    over_the_threshold(db)
+
+    refused = app.test_client().post(
+        "/check-threshold", headers=INTERNAL_HEADERS, data=b"x" * (64 * 1024 + 1)
+    )
+
+    assert refused.status_code == 413
+    assert refused.json["error"]["code"] == "body_too_large"
+    with db.transaction() as cur:
+        cur.execute("SELECT count(*) AS n FROM job_runs")
+        assert cur.fetchone()["n"] == 0
+        cur.execute("SELECT count(*) AS n FROM batch_conversions")
+        assert cur.fetchone()["n"] == 0
