@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -101,11 +102,33 @@ def build_manager(env: dict[str, str], port_base: int) -> Manager:
     return manager
 
 
+def ports_in_use(port_base: int) -> list[int]:
+    """The local system's ports that something already listens on."""
+    offsets = [offset for offset, _ in SERVICES.values()] + [EXECUTOR_OFFSET]
+    taken = []
+    for port in sorted(port_base + offset for offset in offsets):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                taken.append(port)
+    return taken
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run the local system.")
     parser.add_argument("--port-base", type=int, default=8080)
     args = parser.parse_args()
 
+    # Checked before the database starts: stopping it on the way out would
+    # pull it from under whatever already runs there (an earlier `make run`
+    # whose terminal was killed, say).
+    taken = ports_in_use(args.port_base)
+    if taken:
+        print(
+            f"ports {', '.join(map(str, taken))} are in use: is another"
+            " `make run` still running? (`pgrep -af gunicorn` finds it)",
+            file=sys.stderr,
+        )
+        return 1
     env = {**LOCAL_ENV, **urls(args.port_base), **os.environ}
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"

@@ -29,7 +29,7 @@ import os
 import random
 import threading
 import time
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_DOWN, Decimal, localcontext
 from typing import Any
 
 import requests
@@ -112,9 +112,13 @@ class Sandbox:
             }
         amount_usdt = Decimal(task["amount_usdt"])
         price = self.prices.get(task["payout_currency"], Decimal(1))
-        sent = money.divide(amount_usdt, price).quantize(
-            money.CRYPTO.unit, rounding=ROUND_DOWN
-        )
+        with localcontext() as ctx:
+            # Millions of USDT in a token worth 10^-5 USD, to 18 decimals,
+            # is more digits than the default context holds.
+            ctx.prec = 60
+            sent = money.divide(amount_usdt, price).quantize(
+                money.CRYPTO.unit, rounding=ROUND_DOWN
+            )
         return {
             "batch_id": task["batch_id"],
             "status": "completed",
