@@ -220,7 +220,9 @@ class Accumulator:
         try:
             price = self.prices.usd_price(payment.outcome_currency)
         except PriceUnavailable as error:
-            if payment.invoice_usd is None:
+            # A zero invoice (a free or test order) values nothing: crediting
+            # real crypto at 0 USD would leave it out of the threshold sums.
+            if payment.invoice_usd is None or payment.invoice_usd <= 0:
                 log.error(
                     "payment_unvalued",
                     extra={"payment_id": payment.payment_id, "error": str(error)},

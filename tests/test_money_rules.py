@@ -206,6 +206,8 @@ NO_VALUATION = {
     "eur_invoice": ("1.35", "eur"),
     "no_invoice_currency": ("1.35", None),
     "usd_invoice_without_amount": (None, "usd"),
+    # A zero invoice (a free or test order) says nothing of the crypto's worth.
+    "zero_usd_invoice": ("0", "usd"),
 }
 
 
