@@ -16,6 +16,11 @@ bind = os.environ.get("BIND", f"0.0.0.0:{os.environ.get('PORT', '8080')}")
 workers = int(
     os.environ.get("GUNICORN_WORKERS") or os.environ.get("WEB_CONCURRENCY", "2")
 )
+# A request whose body arrives slowly holds its thread until it is all in:
+# gunicorn's gthread worker sets no read timeout, so workers x threads
+# stalled uploads stop the accumulator answering. In production Cloud Run's
+# front end is expected to absorb such clients; that has not been measured
+# here, and in front of anything else a buffering proxy is needed.
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 worker_class = "gthread" if threads > 1 else "sync"
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
