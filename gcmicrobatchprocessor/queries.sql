@@ -78,7 +78,7 @@ ORDER BY created_at;
 
 -- name: conversion_for_update
 SELECT batch_conversion_id, outcome_currency, status, row_count, total_eth,
-       swap_id, tx_hash, actual_usdt_received
+       total_usd, swap_id, tx_hash, actual_usdt_received
 FROM batch_conversions
 WHERE batch_conversion_id = %(batch_conversion_id)s
 FOR UPDATE;

@@ -144,6 +144,7 @@ def _complete(
             f"{totals['shared_usdt']} over {shared_rows} rows for "
             f"{outcome.actual_usdt_received} over {conversion['row_count']}"
         )
+    _check_rate(conversion, outcome)
     return {
         "outcome": "completed",
         "batch_conversion_id": outcome.batch_conversion_id,
@@ -154,6 +155,35 @@ def _complete(
         "platform_fee_usdt": money.to_text(totals["fee_usdt"]),
         "total_eth": money.to_text(conversion["total_eth"]),
     }
+
+
+# How far the USDT received may stray from the USD value the conversion was
+# claimed at before someone is paged. Prices move and swaps slip, but not by
+# half in minutes: past this, the callback (or its amount) is wrong.
+IMPLAUSIBLE_RATIO = Decimal(2)
+
+
+def _check_rate(conversion: dict[str, Any], outcome: SwapOutcome) -> None:
+    """Page when the USDT received is far from what the crypto was worth.
+
+    The amount is still taken: only the executor knows what arrived, and
+    refusing would leave the conversion open. The shares it makes are what
+    an operator then checks against the chain.
+    """
+    received = outcome.actual_usdt_received or Decimal(0)
+    valued = conversion["total_usd"]
+    if valued <= 0:
+        return  # dust valued at nothing: no rate to compare
+    if received * IMPLAUSIBLE_RATIO < valued or received > valued * IMPLAUSIBLE_RATIO:
+        log.error(
+            "swap_rate_implausible",
+            extra={
+                "batch_conversion_id": outcome.batch_conversion_id,
+                "swap_id": outcome.swap_id,
+                "total_usd": valued,
+                "actual_usdt_received": received,
+            },
+        )
 
 
 def _fail(cur: Any, outcome: SwapOutcome) -> dict[str, Any]:

@@ -459,3 +459,27 @@ def test_ten_concurrent_identical_callbacks_apply_once(
     assert len(logs.lines("conversion_completed")) == 1
     assert_shared_exactly(db, conversion_id, "23.000001")
     assert_invariants_hold(db)
+
+
+@pytest.mark.parametrize("received", ["1000000", "5.5"], ids=["far_over", "far_under"])
+def test_usdt_far_from_the_claimed_value_is_shared_and_pages(
+    app: Flask, db: Database, conversion_id: str, logs: LogCapture, received: str
+) -> None:
+    # Claimed at 12 USD: a forged or mistaken amount must not pass quietly,
+    # yet only the executor knows what arrived, so it is still shared.
+    done = call_back(app, completed(conversion_id, actual_usdt_received=received))
+
+    assert done.status_code == 200
+    assert_shared_exactly(db, conversion_id, received)
+    [alarm] = logs.lines("swap_rate_implausible", logging.ERROR)
+    assert alarm["batch_conversion_id"] == conversion_id
+    assert alarm["actual_usdt_received"] == received
+    assert_invariants_hold(db)
+
+
+def test_usdt_near_the_claimed_value_raises_no_alarm(
+    app: Flask, db: Database, conversion_id: str, logs: LogCapture
+) -> None:
+    assert call_back(app, completed(conversion_id)).status_code == 200
+
+    assert logs.lines("swap_rate_implausible") == []
