@@ -169,6 +169,17 @@ class Accumulator:
             valuation = self._value(payment)
         return self._credit(delivery, payment, valuation, context, within)
 
+    def can_value(self, payment: Payment) -> bool:
+        """Whether ``payment`` could be valued now: a dry run's question,
+        asked without logging what a real credit would."""
+        if payment.router_usd is not None:
+            return True
+        try:
+            self.prices.usd_price(payment.outcome_currency)
+        except PriceUnavailable:
+            return _usable_invoice(payment)
+        return True
+
     # --- steps ---------------------------------------------------------------
 
     def _judge_ipn(self, delivery: Delivery, signature: str | None) -> Result:
@@ -220,9 +231,7 @@ class Accumulator:
         try:
             price = self.prices.usd_price(payment.outcome_currency)
         except PriceUnavailable as error:
-            # A zero invoice (a free or test order) values nothing: crediting
-            # real crypto at 0 USD would leave it out of the threshold sums.
-            if payment.invoice_usd is None or payment.invoice_usd <= 0:
+            if not _usable_invoice(payment):
                 log.error(
                     "payment_unvalued",
                     extra={"payment_id": payment.payment_id, "error": str(error)},
@@ -232,6 +241,7 @@ class Accumulator:
                 "price_unavailable_using_invoice",
                 extra={"payment_id": payment.payment_id, "error": str(error)},
             )
+            assert payment.invoice_usd is not None
             return Valuation(payment.invoice_usd, "invoice")
         gross = money.multiply(payment.outcome_amount, price)
         return Valuation(money.quantize(gross, money.USD, "USD value"), "price")
@@ -378,3 +388,9 @@ class Accumulator:
             )
         else:
             log.info("payment_" + result.outcome, extra={**fields, **result.body})
+
+
+def _usable_invoice(payment: Payment) -> bool:
+    # A zero invoice (a free or test order) values nothing: crediting real
+    # crypto at 0 USD would leave it out of the threshold sums.
+    return payment.invoice_usd is not None and payment.invoice_usd > 0

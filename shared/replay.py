@@ -116,6 +116,10 @@ def _replay_one(
             "later replay",
         )
     if planned is not None:
+        if not accumulator.can_value(payment):
+            return answer(
+                "would_wait", "no USD price now: would be left for a later replay"
+            )
         return answer(*_would(db, payment, client, planned))
 
     try:
@@ -219,7 +223,9 @@ def summary(replays: list[Replay], dry_run: bool) -> str:
         ]
     waiting = counts.get("waiting", 0) + counts.get("unknown_client", 0)
     parts.append(f"{waiting} still waiting for their client")
-    trouble = counts.get("unreadable", 0) + counts.get("unvalued", 0)
+    trouble = sum(
+        counts.get(word, 0) for word in ("unreadable", "unvalued", "would_wait")
+    )
     if trouble:
         parts.append(f"{trouble} could not be replayed")
     prefix = "replay (dry run, nothing written)" if dry_run else "replay"
@@ -229,4 +235,5 @@ def summary(replays: list[Replay], dry_run: bool) -> str:
 
 def failed(replays: list[Replay]) -> bool:
     """Whether a delivery needs an operator's look: unreadable or unvalued."""
-    return any(replay.outcome in ("unreadable", "unvalued") for replay in replays)
+    troubled = ("unreadable", "unvalued", "would_wait")
+    return any(replay.outcome in troubled for replay in replays)

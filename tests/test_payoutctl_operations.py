@@ -23,11 +23,13 @@ from click.testing import CliRunner, Result
 from conftest import (
     INTERNAL_HEADERS,
     INTERNAL_TOKEN,
+    IPN_SECRET,
     RecordingSender,
     base_environ,
 )
 from flask import Flask
 
+from gcaccumulator.ipn import sign
 from shared import reconcile, release
 from shared.cli import main
 from shared.clients import Refused
@@ -1040,3 +1042,43 @@ def test_replay_in_production_refuses_static_prices(run: Run) -> None:
 
     assert result.exit_code == 2
     assert "PRICE_SOURCE: production never credits at static prices" in result.output
+
+
+def test_a_dry_run_says_a_payment_still_without_a_price_would_wait(
+    run: Run,
+    db: Database,
+    make_accumulator: Callable[..., Flask],
+    fixture_clients: list[dict[str, Any]],
+) -> None:
+    # No ETH price and a EUR invoice: nothing can value it on arrival.
+    unpriced = "static:btc=1"
+    body = json.dumps(
+        {
+            "payment_id": 7700001,
+            "payment_status": "finished",
+            "order_id": f"PGP-6271402111|{fixture_clients[0]['client_id']}",
+            "outcome_amount": "0.0002734",
+            "outcome_currency": "eth",
+            "price_amount": "1.2",
+            "price_currency": "eur",
+        }
+    ).encode()
+    arrival = (
+        make_accumulator(PRICE_SOURCE=unpriced)
+        .test_client()
+        .post("/ipn", data=body, headers={"x-nowpayments-sig": sign(IPN_SECRET, body)})
+    )
+    assert arrival.json["outcome"] == "retry_later"
+
+    dry = run("deliveries", "replay", "--dry-run", PRICE_SOURCE=unpriced)
+    credited_by_dry_run = query(db, "SELECT count(*) AS n FROM payout_accumulation")
+    priced = run("deliveries", "replay", PRICE_SOURCE="static:3400")
+
+    # A dry run promises what the real one would do: wait, and say so.
+    assert dry.exit_code == 1, dry.output
+    assert "no USD price now: would be left for a later replay" in dry.output
+    assert "1 could not be replayed" in dry.output
+    assert "would credit" not in dry.output
+    assert credited_by_dry_run == [{"n": 0}]
+    assert priced.exit_code == 0, priced.output
+    assert "accumulated as row" in priced.output
