@@ -25,8 +25,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import psycopg2
-import psycopg2.extras
 import requests
 
 from gcaccumulator.ipn import canonical_json, sign
@@ -186,13 +184,7 @@ def deliver_forgery(base: str) -> list[str]:
 
 
 def query(url: str, name: str) -> list[dict[str, Any]]:
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-            cur.execute(QUERIES[name])
-            return [dict(row) for row in cur.fetchall()]
-    finally:
-        conn.close()
+    return local_system.fetch_all(url, QUERIES[name])
 
 
 def is_settled(state: dict[str, Any]) -> bool:
@@ -316,9 +308,11 @@ def main() -> int:
     started_at = time.monotonic()
     admin, _ = local_system.admin_url(DEMO_DATA)
     own_server = not os.environ.get("DATABASE_URL")
-    url = local_system.fresh_database(admin, DATABASE)
+    # Named after the ports: two demos on one server (a developer's and a
+    # test run's) must not drop each other's database.
+    url = local_system.fresh_database(admin, f"{DATABASE}_{PORT_BASE}")
     env = system_env(url)
-    log_path = DEMO_DATA / "system.log"
+    log_path = DEMO_DATA / f"system-{PORT_BASE}.log"
     ports = f"{PORT_BASE + 1}-{PORT_BASE + 4}"
     print(f"starting the demo system on ports {ports}; its logs: {log_path}")
     system = local_system.start(env, PORT_BASE, log_path)

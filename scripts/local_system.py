@@ -17,8 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg2
+import psycopg2.extras
 import requests
 from psycopg2 import sql
 
@@ -83,6 +85,17 @@ def drop_database(admin: str, name: str) -> None:
             cur.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
             )
+    finally:
+        conn.close()
+
+
+def fetch_all(url: str, statement: str) -> list[dict[str, Any]]:
+    """Every row of one read-only statement, on a connection of its own."""
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
+            cur.execute(statement)
+            return [dict(row) for row in cur.fetchall()]
     finally:
         conn.close()
 

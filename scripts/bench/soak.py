@@ -38,9 +38,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import psycopg2
-import psycopg2.extras
-
 from scripts import demo, local_system
 from scripts.bench.ingest import send_ipns
 from scripts.log_scan import find_secrets
@@ -169,13 +166,7 @@ def send(port: int, seconds: float, senders: list[Sender]) -> float:
 
 
 def query(url: str, name: str) -> list[dict[str, Any]]:
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur:
-            cur.execute(QUERIES[name])
-            return [dict(row) for row in cur.fetchall()]
-    finally:
-        conn.close()
+    return local_system.fetch_all(url, QUERIES[name])
 
 
 @dataclass
