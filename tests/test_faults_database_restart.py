@@ -8,7 +8,9 @@ is answered 503 in the error shape, never 200 and never 4xx; once it is
 back the same gunicorn workers credit again, without a restart. Every
 payment acknowledged with 200 is in payout_accumulation exactly once, the
 ones refused with 5xx are credited once on the sender's retry, and
-reconcile is clean.
+reconcile is clean. Each processor, started against the same kind of
+server, answers its scheduled run 503 while the server is down and runs the
+retried slot once it is back, in the same worker.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ import requests
 from conftest import IPN_SECRET
 from fault_support import (
     ACCUMULATOR_ENTRY,
+    PROCESSORS,
     Gunicorn,
     OwnPostgres,
+    Processor,
+    StubExecutor,
     assert_reconcile_clean,
     query,
+    scheduled_run,
     service_environ,
 )
 from payout_support import add_client
@@ -212,3 +218,49 @@ def test_the_accumulator_answers_503_while_postgres_is_down_and_recovers_alone(
 
     assert_reconcile_clean(url)
     service.assert_logs_hold_no_secret(stream.signatures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processor", PROCESSORS, ids=lambda p: p.name)
+def test_a_processor_answers_503_while_postgres_is_down_and_runs_once_it_is_back(
+    processor: Processor, own_postgres: OwnPostgres, tmp_path: Path
+) -> None:
+    url = embedded.ensure_database(own_postgres.admin_url, "payouts")
+    schema.migrate(url)
+    seeding = Database(url, size=1)
+    processor.add_work(seeding)
+    seeding.close()
+    executor = StubExecutor()
+    executor.start()
+    service = Gunicorn(processor.entry, tmp_path / f"{processor.name}.log")
+    try:
+        service.start(processor.environ(url, service, executor))
+        own_postgres.stop()
+        down = scheduled_run(service.url, processor.job_path, 1)
+        health_down = requests.get(f"{service.url}/health", timeout=30)
+        own_postgres.start()
+        # Cloud Scheduler retries the slot it could not run.
+        retried = scheduled_run(service.url, processor.job_path, 1)
+        health_up = requests.get(f"{service.url}/health", timeout=30)
+        database = Database(url, size=1)
+        batches = processor.batches(database)
+        database.close()
+        workers = service.workers_booted()
+    finally:
+        service.stop()
+        executor.stop()
+
+    # A database out of reach is never "below threshold": 503, to retry.
+    assert down.status_code == 503, down.text
+    assert down.json()["error"]["code"] == "database_unavailable", down.text
+    assert health_down.status_code == 503
+    assert health_down.json()["database"]["ok"] is False
+    # Back without a restart: the same worker runs the slot, once.
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["outcome"] == "succeeded"
+    assert health_up.json()["database"]["ok"] is True
+    assert workers == 1
+    [batch] = batches
+    assert executor.keys() == {str(batch[processor.batch_key])}
+    assert_reconcile_clean(url)
+    service.assert_logs_hold_no_secret([])
