@@ -145,7 +145,7 @@ class Sandbox:
                 else:
                     log.info(
                         "sandbox_called_back",
-                        extra={"url": url, "status": response.status_code, **body},
+                        extra={**body, "url": url, "http_status": response.status_code},
                     )
                     if response.status_code < 500:
                         break

@@ -15,7 +15,6 @@ from contextlib import suppress
 from typing import Any
 
 from flask import Response, jsonify, request
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from shared import watchdog
 from shared.config import ConfigError
@@ -25,7 +24,7 @@ from shared.health import interval_of
 from shared.jobs import BadRunRequest, JobRunner, RunIdentity, identify_run, utcnow
 from shared.outbox import Outbox
 from shared.secrets import SecretError
-from shared.web import MAX_BODY_BYTES, suite
+from shared.web import read_body, suite
 
 _RETRYABLE = (DatabaseUnavailable, SecretError, ConfigError)
 
@@ -33,9 +32,8 @@ _RETRYABLE = (DatabaseUnavailable, SecretError, ConfigError)
 def answer_run(
     job: str, work: Callable[[RunIdentity], dict[str, Any]], tasks: Outbox
 ) -> tuple[Response, int]:
-    # A run reads no body, so Flask's limit never fires: refuse one here.
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        raise RequestEntityTooLarge("request bodies are limited to 64 KiB")
+    # A run needs no body, but one past the limit is refused all the same.
+    read_body()
     try:
         identity = identify_run(
             job,
