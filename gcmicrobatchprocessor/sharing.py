@@ -168,7 +168,9 @@ def _check_rate(conversion: dict[str, Any], outcome: SwapOutcome) -> None:
 
     The amount is still taken: only the executor knows what arrived, and
     refusing would leave the conversion open. The shares it makes are what
-    an operator then checks against the chain.
+    an operator then checks against the chain. Nor are payouts from these
+    rows held back meanwhile: holding them needs a state for rows under
+    review, which the schema does not have yet.
     """
     received = outcome.actual_usdt_received or Decimal(0)
     valued = conversion["total_usd"]
