@@ -68,7 +68,8 @@ def google_token_source() -> TokenSource:
     request = google.auth.transport.requests.Request()  # type: ignore[no-untyped-call]
 
     def fetch(audience: str) -> str:
-        token: str = google.oauth2.id_token.fetch_id_token(request, audience)  # type: ignore[no-untyped-call]
+        fetch_id_token = google.oauth2.id_token.fetch_id_token
+        token: str = fetch_id_token(request, audience)  # type: ignore[no-untyped-call]
         return token
 
     return fetch

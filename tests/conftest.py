@@ -252,3 +252,13 @@ def ipn_cases() -> list[dict[str, Any]]:
     with open(FIXTURES / "ipn_cases.json") as handle:
         cases: list[dict[str, Any]] = json.load(handle)
     return cases
+
+
+@pytest.fixture
+def logs() -> Iterator[Any]:
+    """The suite's log lines during the test (``microbatch_support.LogCapture``)."""
+    # Imported here: microbatch_support imports this module.
+    from microbatch_support import capture_logs
+
+    with capture_logs() as capture:
+        yield capture

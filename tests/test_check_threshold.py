@@ -29,7 +29,6 @@ from microbatch_support import (
     add_pending,
     app_database,
     assert_invariants_hold,
-    capture_logs,
     close_app,
     conversions,
     dead_database_url,
@@ -65,12 +64,6 @@ def new_app(make_microbatch: Callable[..., Flask]) -> Iterator[Callable[..., Fla
 @pytest.fixture
 def app(new_app: Callable[..., Flask]) -> Flask:
     return new_app()
-
-
-@pytest.fixture
-def logs() -> Iterator[LogCapture]:
-    with capture_logs() as capture:
-        yield capture
 
 
 class SlowInsert:

@@ -27,7 +27,6 @@ from microbatch_support import (
     ManualClock,
     add_pending,
     assert_invariants_hold,
-    capture_logs,
     close_app,
     conversions,
     job_runs,
@@ -62,12 +61,6 @@ def new_app(make_microbatch: Callable[..., Flask]) -> Iterator[Callable[..., Fla
 @pytest.fixture
 def app(new_app: Callable[..., Flask]) -> Flask:
     return new_app()
-
-
-@pytest.fixture
-def logs() -> Iterator[LogCapture]:
-    with capture_logs() as capture:
-        yield capture
 
 
 def check(app: Flask, **headers: str) -> Any:

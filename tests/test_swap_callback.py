@@ -27,7 +27,6 @@ from microbatch_support import (
     LogCapture,
     add_pending,
     assert_invariants_hold,
-    capture_logs,
     close_app,
     conversions,
     fee_of,
@@ -50,12 +49,6 @@ def app(make_microbatch: Callable[..., Flask]) -> Iterator[Flask]:
     made = make_microbatch(**QUIET_SIBLING)
     yield made
     close_app(made)
-
-
-@pytest.fixture
-def logs() -> Iterator[LogCapture]:
-    with capture_logs() as capture:
-        yield capture
 
 
 def claim(app: Flask, db: Database) -> str:
