@@ -141,6 +141,16 @@ class Gunicorn:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_shows(self, text: str, timeout_s: float = 10) -> bool:
+        """Whether ``text`` appears in the log within ``timeout_s``: the
+        master logs a worker's exit only once it has reaped it."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log_text():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def log_events(self, message: str) -> list[dict[str, Any]]:
         """The JSON log lines with this ``message``."""
         return [line for line in self._json_lines() if line["message"] == message]

@@ -87,7 +87,7 @@ def test_a_worker_killed_after_the_commit_leaves_the_task_for_the_next_run(
     assert not trigger.exists()
     [fired] = service.log_events("test_fault_fired")
     assert fired["point"] == processor.fault_point
-    assert f"exited with code {faults.EXIT_STATUS}" in service.log_text()
+    assert service.log_shows(f"exited with code {faults.EXIT_STATUS}")
 
     service.wait_live()  # gunicorn's new worker, same variables, no trigger
     # Cloud Scheduler saw the run fail and retries the same slot.
